@@ -1,0 +1,152 @@
+"""The only place that turns a SchedulerOutput into tensors and runs the model.
+
+It owns the paged KV cache (one K and one V tensor per layer, split into blocks) and knows
+nothing about scheduling: given which tokens of which requests to compute, with their blocks,
+it returns the logits of the last token of each request whose chunk reaches its end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genserve.config import CacheConfig, ModelConfig
+from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
+from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """Blocks that fit the memory budget (--kv-cache-memory, else a fraction of free RAM)."""
+    if cache.num_blocks:
+        return cache.num_blocks
+    budget = cache.memory_bytes or int(available_memory_bytes() * cache.memory_fraction)
+    blocks = budget // kv_bytes_per_block(cfg, cache.block_size, dtype)
+    if blocks < 2:
+        raise ValueError(f"KV cache budget of {budget} bytes holds no block; raise --kv-cache-memory")
+    return int(blocks)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    ctx: ForwardContext
+    logits_rows: torch.Tensor  # [N] rows whose hidden state is sampled, in scheduled order
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: ModelConfig,
+        cache: CacheConfig,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.dtype = dtype
+        self.block_size = cache.block_size
+        self.num_blocks = num_kv_blocks(cfg, cache, dtype)
+        shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in model.model.layers:
+            k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
+            self.kv_caches.append((k, v))
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            self.num_blocks * kv_bytes_per_block(cfg, self.block_size, dtype) / 2**20,
+        )
+
+    @property
+    def capacity_tokens(self) -> int:
+        # block 0 is reserved as scratch (never allocated), as in TGI
+        return (self.num_blocks - 1) * self.block_size
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """Flatten the step: single-token rows first (batched decode attention), then chunks."""
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        last_row: dict[int, int] = {}
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        seq_ends: list[int] = []
+        for i in order:
+            s = scheduled[i]
+            req, start, end = s.request, s.start, s.end
+            row0 = len(ids)
+            ids.extend(req.all_token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(self._slots(req.block_table, start, end))
+            last_row[i] = len(ids) - 1
+            seq_ends.append(end)
+            nblocks = (end + self.block_size - 1) // self.block_size
+            if s.num_new_tokens == 1:
+                decode_tables.append(req.block_table[:nblocks])
+                decode_lens.append(end)
+            else:
+                table = torch.tensor(req.block_table[:nblocks], dtype=torch.long)
+                prefills.append(PrefillSeq(row0, s.num_new_tokens, end, table))
+        num_decode = len(decode_lens)
+        dec_tables = dec_lens = None
+        max_ctx = max(decode_lens, default=0)
+        if num_decode:
+            width = max(len(t) for t in decode_tables)
+            dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            dec_lens = torch.tensor(decode_lens)
+        ctx = ForwardContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decode=num_decode,
+            decode_block_tables=dec_tables,
+            decode_context_lens=dec_lens,
+            decode_max_context=max_ctx,
+            prefills=prefills,
+            seq_ends=seq_ends,
+        )
+        rows = [last_row[i] for i, s in enumerate(scheduled) if s.samples]
+        return StepInputs(
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(pos, dtype=torch.long),
+            ctx,
+            torch.tensor(rows, dtype=torch.long),
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run one step; logits [N, vocab] float32 for each scheduled request that samples."""
+        step = self.prepare(out.scheduled)
+        with forward_context(step.ctx):
+            hidden = self.model(step.input_ids, step.positions)
+        if step.logits_rows.numel() == 0:
+            return torch.empty(0, self.cfg.vocab_size)
+        return self.model.compute_logits(hidden[step.logits_rows])

@@ -1,0 +1,94 @@
+"""Paged attention on CPU: K/V live in fixed-size blocks addressed by block tables."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.engine.forward_context import ForwardContext, get_forward_context
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the layer's cache, then attends over each sequence's context.
+
+    The runner binds `k_cache`/`v_cache`: [num_blocks, block_size, num_kv_heads, head_dim].
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.k_cache: torch.Tensor = torch.empty(0)
+        self.v_cache: torch.Tensor = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
+        ctx = get_forward_context()
+        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        kc.index_copy_(0, ctx.slot_mapping, k)
+        vc.index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        if ctx.num_decode:
+            out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx)
+        for p in ctx.prefills:
+            rows = slice(p.token_start, p.token_start + p.num_tokens)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], p.context_len, p.block_table)
+        return out.view(q.shape[0], -1)
+
+    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        # [..., blocks] -> [..., blocks*block_size, KVH, D] truncated to `length`
+        g = cache[block_table]
+        g = g.view(*block_table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
+        return g[..., :length, :, :]
+
+    def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One query per sequence, all sequences in one SDPA call with a length mask."""
+        assert ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
+        n, s = q.shape[0], ctx.decode_max_context
+        k = self._gather(self.k_cache, ctx.decode_block_tables, s).transpose(1, 2)
+        v = self._gather(self.v_cache, ctx.decode_block_tables, s).transpose(1, 2)
+        mask = torch.arange(s).unsqueeze(0) < ctx.decode_context_lens.unsqueeze(1)  # [N, S]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [N, H, 1, D]
+            k,  # [N, KVH, S, D]
+            v,
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(2)
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        context_len: int,
+        block_table: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal attention of a chunk of `n` queries over `context_len` keys (cached + new)."""
+        n = q.shape[0]
+        start = context_len - n
+        if start == 0:
+            k, v = k_new, v_new
+        else:
+            k = self._gather(self.k_cache, block_table, context_len)
+            v = self._gather(self.v_cache, block_table, context_len)
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if start == 0:
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True
+            )
+        else:
+            # query i sits at absolute position start+i and sees keys 0..start+i
+            mask = torch.arange(context_len).unsqueeze(0) <= (
+                torch.arange(n).unsqueeze(1) + start
+            )
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+        return o.transpose(0, 1)

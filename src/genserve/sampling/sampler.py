@@ -1,0 +1,155 @@
+"""Token choice for one step: logits processors, greedy or seeded sampling, logprobs, top tokens.
+
+The all-greedy batch with no processor does one argmax (plus, when asked, the chosen tokens'
+logprobs from one logsumexp). Sampling is sync-free (`probs / Exponential(1)`, then argmax, as in
+gpt-fast and TGI) with one `torch.Generator` per request, so a seed gives the same tokens whatever
+else shares the batch. The only host sync is the final `.tolist()`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from genserve.engine.request import Request
+from genserve.sampling.logits_process import LogitsPipeline
+from genserve.sampling.watermark import WatermarkConfig
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One entry per row of the batch, in the order of `requests`."""
+
+    token_ids: list[int]
+    # log_softmax of the processed/warped scores at the chosen token; None where the row's
+    # `sampling.logprobs` is off and it asked for no top tokens.
+    logprobs: list[float | None]
+    # (token_id, logprob) best first: the row's `top_n_tokens` best plus ties with the n-th
+    # (TGI's `batch_top_tokens`); [] for rows that asked for none.
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _BatchPlan:
+    """What depends only on the batch's composition, built once per composition."""
+
+    pipeline: LogitsPipeline | None
+    sample_rows: list[int]  # rows that sample (do_sample or a warper)
+    sample_index: torch.Tensor | None  # those rows as a tensor, None when all or none sample
+    want_logprobs: list[bool]
+    top_n: list[int]
+
+
+class Sampler:
+    """Chooses the next token of each row. Keeps per-request generators across steps.
+
+    `vocab_size` is the model's: logits columns past it (padded embeddings) are dropped.
+    Call `release(request_id)` when a request finishes or is aborted.
+    """
+
+    def __init__(self, vocab_size: int, watermark: WatermarkConfig | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.watermark = watermark or WatermarkConfig()
+        self._generators: dict[str, torch.Generator] = {}
+        self._plan_key: tuple | None = None
+        self._plan: _BatchPlan | None = None
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        """logits: [B, >=vocab_size] float32, row i belongs to `requests[i]`."""
+        assert logits.dim() == 2 and logits.shape[0] == len(requests), logits.shape
+        logits = logits[:, : self.vocab_size].float()
+        plan = self._plan_for(requests, logits.device)
+        scores = logits if plan.pipeline is None else plan.pipeline(logits, requests)
+        token_ids = self._choose(scores, requests, plan)  # [B] int64
+        logprobs, top_tokens = _logprobs(scores, token_ids, plan)
+        return SamplerOutput(token_ids.tolist(), logprobs, top_tokens)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _plan_for(self, requests: Sequence[Request], device: torch.device) -> _BatchPlan:
+        key = (device, *(r.request_id for r in requests))
+        if key != self._plan_key or self._plan is None:
+            params = [r.sampling for r in requests]
+            sample_rows = [i for i, p in enumerate(params) if p.sampling]
+            partial = 0 < len(sample_rows) < len(params)
+            self._plan = _BatchPlan(
+                pipeline=LogitsPipeline.build(requests, self.vocab_size, device, self.watermark),
+                sample_rows=sample_rows,
+                sample_index=torch.tensor(sample_rows, device=device) if partial else None,
+                want_logprobs=[p.logprobs or p.top_n_tokens > 0 for p in params],
+                top_n=[max(p.top_n_tokens, 0) for p in params],
+            )
+            self._plan_key = key
+        return self._plan
+
+    def _choose(
+        self, scores: torch.Tensor, requests: Sequence[Request], plan: _BatchPlan
+    ) -> torch.Tensor:
+        if not plan.sample_rows:
+            return scores.argmax(dim=1)
+        rows = plan.sample_rows
+        sub = scores if plan.sample_index is None else scores.index_select(0, plan.sample_index)
+        probs = sub.softmax(dim=1)  # [S, V]
+        noise = torch.empty_like(probs)
+        for j, row in enumerate(rows):  # one generator per request: batch-independent draws
+            noise[j].exponential_(generator=self._generator(requests[row], scores.device))
+        sampled = probs.div_(noise).argmax(dim=1)  # [S]
+        if plan.sample_index is None:
+            return sampled
+        return scores.argmax(dim=1).index_copy_(0, plan.sample_index, sampled)
+
+    def _generator(self, request: Request, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None or gen.device != device:
+            seed = request.sampling.seed
+            if seed is None:  # the server always assigns one; stay random if it did not
+                seed = random.SystemRandom().getrandbits(63)
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+
+def _logprobs(
+    scores: torch.Tensor, token_ids: torch.Tensor, plan: _BatchPlan
+) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """Chosen-token logprobs and top tokens, from log_softmax(scores)."""
+    num_rows = scores.shape[0]
+    if not any(plan.want_logprobs):
+        return [None] * num_rows, [[] for _ in range(num_rows)]
+    lse = scores.logsumexp(dim=1, keepdim=True)  # [B, 1]
+    chosen = (scores.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1).tolist()
+    logprobs = [lp if want else None for lp, want in zip(chosen, plan.want_logprobs, strict=True)]
+    if not any(plan.top_n):
+        return logprobs, [[] for _ in range(num_rows)]
+    return logprobs, top_tokens(scores - lse, plan.top_n)
+
+
+def top_tokens(logprobs: torch.Tensor, top_n: Sequence[int]) -> list[list[tuple[int, float]]]:
+    """Each row's `top_n[i]` best (id, logprob), plus every token tied with the n-th (TGI).
+
+    logprobs: [B, V]. A row whose n-th value is -inf keeps only its finite tokens.
+    """
+    rows = [i for i, n in enumerate(top_n) if n > 0]
+    vocab = logprobs.shape[1]
+    sub = logprobs[rows] if len(rows) < len(top_n) else logprobs
+    ns = [min(top_n[i], vocab) for i in rows]
+    best = torch.topk(sub, max(ns), dim=1).values  # [R, max_n] sorted
+    nth = best.gather(1, torch.tensor(ns, device=sub.device).unsqueeze(1) - 1)  # [R, 1]
+    nth.masked_fill_(nth == float("-inf"), torch.finfo(sub.dtype).min)
+    counts = (sub >= nth).sum(dim=1)  # [R]: n plus ties
+    k = int(counts.max())
+    values, indices = torch.topk(sub, k, dim=1)
+    out: list[list[tuple[int, float]]] = [[] for _ in top_n]
+    for row, n, ids, vals in zip(
+        rows, counts.tolist(), indices.tolist(), values.tolist(), strict=True
+    ):
+        out[row] = list(zip(ids[:n], vals[:n], strict=True))
+    return out

@@ -1,0 +1,115 @@
+"""build_app(): the FastAPI application around one engine.
+
+The lifespan starts and stops the engine; InferError and body errors map to TGI's
+`{"error", "error_type"}` JSON; anything unexpected is a 500 with a generic message (the
+traceback goes to the log, never into a body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from genserve.server.auth import ApiKeyMiddleware
+from genserve.server.errors import InferError
+from genserve.server.generation import GenerationService
+from genserve.server.metrics import ServerMetrics
+from genserve.server.openapi import build_openapi
+from genserve.server.routes_tgi import router as tgi_router
+from genserve.server.settings import ServerSettings
+from genserve.server.validation import Validator
+
+logger = logging.getLogger(__name__)
+
+
+async def _call(obj: Any, *names: str) -> None:
+    """Call the first of `names` that `obj` has, awaiting it if it is async, else in a thread."""
+    for name in names:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            continue
+        if inspect.iscoroutinefunction(fn):
+            await fn()
+        else:
+            await asyncio.to_thread(fn)
+        return
+
+
+def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> FastAPI:
+    """`tokenizer` defaults to `engine.tokenizer`."""
+    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+    metrics = ServerMetrics(settings.max_input_tokens, settings.max_total_tokens)
+    validator = Validator(
+        settings.limits,
+        lambda text, special: list(tokenizer.encode(text, add_special_tokens=special)),
+        workers=settings.validation_workers,
+    )
+    service = GenerationService(
+        engine,
+        validator,
+        metrics,
+        settings.max_concurrent_requests,
+        enable_prefill_logprobs=settings.enable_prefill_logprobs,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _call(engine, "start")
+        try:
+            yield
+        finally:
+            await _call(engine, "stop", "shutdown")
+            validator.close()
+
+    app = FastAPI(
+        title="Text Generation Inference",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/api-doc/openapi.json",
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.service = service
+    app.state.tokenizer = tokenizer
+    # (predicate(body) -> bool, handler(request, body, arrival)) for `/invocations` branches
+    app.state.invocation_branches = []
+    app.include_router(tgi_router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_alias() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    _install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    # added last = outermost, so a 401 still carries the CORS headers
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_allow_origin) or ["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type"],
+    )
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InferError)
+    async def infer_error(request: Request, exc: InferError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = {"error": "Internal server error", "error_type": "internal"}
+        return JSONResponse(body, status_code=500)

