@@ -68,15 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def launch(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    from genserve.server import launcher
+
+    launcher.setup_logging(args.json_output)
+    launcher.check_arguments(args)  # before any model work: bad flags fail at once
+
     import uvicorn
 
     from genserve.engine.async_engine import AsyncEngine
-    from genserve.server import launcher
     from genserve.server.app import build_app
     from genserve.server.settings import ServerSettings
 
-    launcher.setup_logging(args.json_output)
-    launcher.check_arguments(args)
     kwargs = launcher.engine_kwargs(AsyncEngine.from_model, args)
     engine = AsyncEngine.from_model(args.model_id, **kwargs)
     kv_tokens = int(getattr(engine, "kv_capacity_tokens", 0) or 0)

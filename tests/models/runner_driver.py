@@ -45,7 +45,7 @@ def run_greedy(runner: ModelRunner, seqs: list[Seq]) -> None:
                 next_block += 1
             scheduled.append(ScheduledRequest(r, n))
         if scheduled:
-            logits = runner.execute(SchedulerOutput(scheduled))
+            logits, _ = runner.execute(SchedulerOutput(scheduled))
             sampling = [s for s in scheduled if s.samples]
             for s in scheduled:
                 s.request.num_computed_tokens += s.num_new_tokens

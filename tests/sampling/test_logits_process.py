@@ -22,6 +22,15 @@ from genserve.sampling.watermark import WatermarkConfig
 VOCAB = 300
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only spin on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_request(i: int, params: SamplingParams, prompt_len: int = 7, gen_len: int = 5) -> Request:
     g = torch.Generator().manual_seed(1000 + i)
     # small id range so tokens repeat; includes id 0 in some rows
@@ -85,7 +94,13 @@ def test_tgi_frequency_penalty_matches_reference():
 
 
 def test_openai_penalties_match_reference():
-    cases = [(0.0, 0.0, True), (0.8, 0.0, True), (0.0, 1.5, True), (-0.5, 0.6, True), (0.4, 0.2, False)]
+    cases = [
+        (0.0, 0.0, True),
+        (0.8, 0.0, True),
+        (0.0, 1.5, True),
+        (-0.5, 0.6, True),
+        (0.4, 0.2, False),
+    ]
     params = [
         SamplingParams(frequency_penalty=f, presence_penalty=pr, openai_penalties=oai)
         for f, pr, oai in cases
@@ -203,8 +218,13 @@ def test_full_pipeline_order():
         SamplingParams(),
         SamplingParams(repetition_penalty=1.2, frequency_penalty=0.3, temperature=0.8, top_k=20),
         SamplingParams(logit_bias={3: 2.0}, top_p=0.85, watermark=True),
-        SamplingParams(frequency_penalty=0.5, presence_penalty=0.4, openai_penalties=True,
-                       typical_p=0.9, min_p=0.01),  # fmt: skip
+        SamplingParams(
+            frequency_penalty=0.5,
+            presence_penalty=0.4,
+            openai_penalties=True,
+            typical_p=0.9,
+            min_p=0.01,
+        ),  # fmt: skip
     ]
     logits = random_logits(len(params), seed=3)
     out, requests = run(params, logits)

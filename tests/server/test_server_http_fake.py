@@ -49,7 +49,10 @@ def sse_events(text: str) -> list[dict]:
 def test_generate_details_schema_and_headers(client):
     r = client.post(
         "/generate",
-        json={"inputs": "a b", "parameters": {"max_new_tokens": 3, "details": True, "top_n_tokens": 2}},
+        json={
+            "inputs": "a b",
+            "parameters": {"max_new_tokens": 3, "details": True, "top_n_tokens": 2},
+        },
     )
     body = r.json()
     validate(body, "GenerateResponse")
@@ -58,9 +61,18 @@ def test_generate_details_schema_and_headers(client):
     assert d["generated_tokens"] == 3 and d["finish_reason"] == "length" and d["seed"] is None
     assert len(d["top_tokens"]) == 3 and len(d["top_tokens"][0]) == 2
     assert "best_of_sequences" not in d
-    for h in ("x-compute-type", "x-compute-time", "x-compute-characters", "x-total-time",
-              "x-validation-time", "x-queue-time", "x-inference-time", "x-time-per-token",
-              "x-prompt-tokens", "x-generated-tokens"):
+    for h in (
+        "x-compute-type",
+        "x-compute-time",
+        "x-compute-characters",
+        "x-total-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+        "x-prompt-tokens",
+        "x-generated-tokens",
+    ):
         assert h in r.headers
     assert r.headers["x-generated-tokens"] == "3" and r.headers["x-prompt-tokens"] == "3"
     assert r.headers["x-compute-characters"] == "3"
@@ -77,9 +89,15 @@ def test_no_details_means_null_and_no_parameters_samples(client, fake):
 
 def test_seed_returned_only_when_sampling(client):
     p = {"max_new_tokens": 1, "details": True, "seed": 7}
-    assert client.post("/generate", json={"inputs": "a", "parameters": p}).json()["details"]["seed"] is None
+    assert (
+        client.post("/generate", json={"inputs": "a", "parameters": p}).json()["details"]["seed"]
+        is None
+    )
     p["do_sample"] = True
-    assert client.post("/generate", json={"inputs": "a", "parameters": p}).json()["details"]["seed"] == 7
+    assert (
+        client.post("/generate", json={"inputs": "a", "parameters": p}).json()["details"]["seed"]
+        == 7
+    )
 
 
 def test_best_of(client, fake):
@@ -96,7 +114,9 @@ def test_compat_route_array_and_full_text(client):
     r = client.post("/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
     validate(r.json(), "GenerateResponse", array=True)
     assert r.json() == [{"generated_text": "hi w0 w1", "details": None}]
-    r = client.post("/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "return_full_text": False}})
+    r = client.post(
+        "/", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "return_full_text": False}}
+    )
     assert r.json()[0]["generated_text"] == " w0 w1"
 
 
@@ -123,7 +143,9 @@ def test_keep_alive_comment(fake, monkeypatch):
     monkeypatch.setattr(tgi_stream, "with_keepalive", _fast_keepalive)
     engine = FakeEngine(delay_s=0.12)
     with serve(build_app(engine, _settings())) as url:
-        r = httpx.post(f"{url}/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
+        r = httpx.post(
+            f"{url}/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}
+        )
     assert ":\n\n" in r.text
     assert len(sse_events(r.text)) == 2
 
@@ -139,10 +161,18 @@ def test_generation_error(fake):
     with serve(build_app(engine, _settings())) as url:
         r = httpx.post(f"{url}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 424
-        assert r.json() == {"error": "Request failed during generation: boom", "error_type": "generation"}
-        r = httpx.post(f"{url}/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 3}})
+        assert r.json() == {
+            "error": "Request failed during generation: boom",
+            "error_type": "generation",
+        }
+        r = httpx.post(
+            f"{url}/generate_stream", json={"inputs": "a", "parameters": {"max_new_tokens": 3}}
+        )
         events = sse_events(r.text)
-        assert events[-1] == {"error": "Request failed during generation: boom", "error_type": "generation"}
+        assert events[-1] == {
+            "error": "Request failed during generation: boom",
+            "error_type": "generation",
+        }
         metrics = httpx.get(f"{url}/metrics").text
         assert 'tgi_request_failure{err="generation"} 2' in metrics
 
@@ -174,25 +204,38 @@ def _wait(pred, timeout=5.0):
 def test_disconnect_aborts_stream_and_non_stream():
     engine = FakeEngine(delay_s=0.05)
     with serve(build_app(engine, _settings())) as url:
-        with httpx.stream("POST", f"{url}/generate_stream",
-                          json={"inputs": "a", "parameters": {"max_new_tokens": 100}}) as r:
+        with httpx.stream(
+            "POST",
+            f"{url}/generate_stream",
+            json={"inputs": "a", "parameters": {"max_new_tokens": 100}},
+        ) as r:
             next(r.iter_raw())
         _wait(lambda: len(engine.aborted) == 1)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 100}},
-                       timeout=0.3)
+            httpx.post(
+                f"{url}/generate",
+                json={"inputs": "a", "parameters": {"max_new_tokens": 100}},
+                timeout=0.3,
+            )
         _wait(lambda: len(engine.aborted) == 2)
         assert engine.num_running == 0
 
 
 def test_api_key_cors_payload_limit():
     engine = FakeEngine()
-    app = build_app(engine, _settings(api_key="Secret", payload_limit=200, cors_allow_origin=("http://ok",)))
+    app = build_app(
+        engine, _settings(api_key="Secret", payload_limit=200, cors_allow_origin=("http://ok",))
+    )
     with serve(app) as url:
         body = {"inputs": "a", "parameters": {"max_new_tokens": 1}}
         r = httpx.post(f"{url}/generate", json=body)
         assert r.status_code == 401 and r.content == b""
-        assert httpx.post(f"{url}/generate", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            httpx.post(
+                f"{url}/generate", json=body, headers={"Authorization": "Bearer nope"}
+            ).status_code
+            == 401
+        )
         ok = httpx.post(f"{url}/generate", json=body, headers={"Authorization": "BEARER secret"})
         assert ok.status_code == 200
         for path in ("/health", "/info", "/metrics", "/docs"):
@@ -200,9 +243,15 @@ def test_api_key_cors_payload_limit():
         big = {"inputs": "a" * 500}
         r = httpx.post(f"{url}/generate", json=big, headers={"Authorization": "Bearer secret"})
         assert r.status_code == 413
-        pre = httpx.options(f"{url}/generate", headers={"Origin": "http://ok", "Access-Control-Request-Method": "POST"})
+        pre = httpx.options(
+            f"{url}/generate",
+            headers={"Origin": "http://ok", "Access-Control-Request-Method": "POST"},
+        )
         assert pre.headers["access-control-allow-origin"] == "http://ok"
-        bad = httpx.options(f"{url}/generate", headers={"Origin": "http://evil", "Access-Control-Request-Method": "POST"})
+        bad = httpx.options(
+            f"{url}/generate",
+            headers={"Origin": "http://evil", "Access-Control-Request-Method": "POST"},
+        )
         assert "access-control-allow-origin" not in bad.headers
 
 
@@ -215,7 +264,9 @@ def test_small_routes(client, fake):
     toks = client.post("/tokenize", json={"inputs": "ab cd"}).json()
     validate(toks, "TokenizeResponse")
     assert [(t["text"], t["start"], t["stop"]) for t in toks] == [("ab", 0, 2), ("cd", 3, 5)]
-    r = client.post("/vertex", json={"instances": [{"inputs": "a", "parameters": {"max_new_tokens": 2}}]})
+    r = client.post(
+        "/vertex", json={"instances": [{"inputs": "a", "parameters": {"max_new_tokens": 2}}]}
+    )
     assert r.json() == {"predictions": [" w0 w1"]}
     r = client.post("/vertex", json={"instances": []})
     assert r.status_code == 422 and r.json()["error_type"] == "Input validation error"
@@ -226,7 +277,10 @@ def test_small_routes(client, fake):
     fake[0].healthy = False
     try:
         r = client.get("/health")
-        assert r.status_code == 503 and r.json() == {"error": "unhealthy", "error_type": "healthcheck"}
+        assert r.status_code == 503 and r.json() == {
+            "error": "unhealthy",
+            "error_type": "healthcheck",
+        }
     finally:
         fake[0].healthy = True
 
@@ -234,13 +288,23 @@ def test_small_routes(client, fake):
 def test_metrics_names(client):
     client.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}})
     text = client.get("/metrics").text
-    for name in ("tgi_request_count", "tgi_request_success", "tgi_request_duration_bucket",
-                 "tgi_request_validation_duration", "tgi_request_queue_duration",
-                 "tgi_request_inference_duration", "tgi_request_mean_time_per_token_duration",
-                 "tgi_request_generated_tokens", "tgi_request_input_length",
-                 "tgi_request_max_new_tokens", "tgi_queue_size", "tgi_batch_current_size",
-                 "tgi_batch_max_total_tokens", "genserve_request_time_to_first_token_duration",
-                 "genserve_request_inter_token_latency_duration"):
+    for name in (
+        "tgi_request_count",
+        "tgi_request_success",
+        "tgi_request_duration_bucket",
+        "tgi_request_validation_duration",
+        "tgi_request_queue_duration",
+        "tgi_request_inference_duration",
+        "tgi_request_mean_time_per_token_duration",
+        "tgi_request_generated_tokens",
+        "tgi_request_input_length",
+        "tgi_request_max_new_tokens",
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_batch_max_total_tokens",
+        "genserve_request_time_to_first_token_duration",
+        "genserve_request_inter_token_latency_duration",
+    ):
         assert name in text, name
     assert "# TYPE tgi_request_count counter" in text
     assert "tgi_request_count_total" not in text and "_created" not in text
@@ -253,12 +317,35 @@ def test_openapi_describes_tgi_shapes(client):
     from tgi_schema import _components
 
     tgi = _components()
-    for name in ("GenerateRequest", "CompatGenerateRequest", "GenerateParameters", "GenerateResponse",
-                 "Details", "BestOfSequence", "StreamResponse", "StreamDetails", "Token",
-                 "PrefillToken", "SimpleToken", "ErrorResponse", "Info"):
+    for name in (
+        "GenerateRequest",
+        "CompatGenerateRequest",
+        "GenerateParameters",
+        "GenerateResponse",
+        "Details",
+        "BestOfSequence",
+        "StreamResponse",
+        "StreamDetails",
+        "Token",
+        "PrefillToken",
+        "SimpleToken",
+        "ErrorResponse",
+        "Info",
+    ):
         mine = ours["components"]["schemas"][name]
         assert set(mine["properties"]) == set(tgi[name]["properties"]), name
-        assert set(mine.get("required", [])) >= set(tgi[name].get("required", [])) - {"router"}, name
-    for path in ("/", "/generate", "/generate_stream", "/tokenize", "/info", "/health", "/metrics",
-                 "/invocations", "/vertex"):
+        assert set(mine.get("required", [])) >= set(tgi[name].get("required", [])) - {"router"}, (
+            name
+        )
+    for path in (
+        "/",
+        "/generate",
+        "/generate_stream",
+        "/tokenize",
+        "/info",
+        "/health",
+        "/metrics",
+        "/invocations",
+        "/vertex",
+    ):
         assert path in ours["paths"], path

@@ -45,7 +45,10 @@ RULES = [
     ({"truncate": 0}, _v("`truncate` must be strictly positive and less than 8. Given: 0")),
     ({"truncate": 9}, _v("`truncate` must be strictly positive and less than 8. Given: 9")),
     ({"best_of": 3, "do_sample": True}, _v("`best_of` must be > 0 and <= 2. Given: 3")),
-    ({"grammar": {"type": "regex", "value": "a+"}}, _v("grammar is not supported yet by this server")),
+    (
+        {"grammar": {"type": "regex", "value": "a+"}},
+        _v("grammar is not supported yet by this server"),
+    ),
 ]
 
 
@@ -57,7 +60,9 @@ def test_rule(client, params, message):
 
 
 def test_order_best_of_sampling_before_temperature(client):
-    r = client.post("/generate", json={"inputs": "x", "parameters": {"best_of": 2, "temperature": 0}})
+    r = client.post(
+        "/generate", json={"inputs": "x", "parameters": {"best_of": 2, "temperature": 0}}
+    )
     assert r.json()["error"] == _v("`temperature` must be strictly positive")
     r = client.post("/generate", json={"inputs": "", "parameters": {"top_k": 0}})
     assert r.json()["error"] == _v("`top_k` must be strictly positive")
@@ -91,7 +96,10 @@ def test_truncate_keeps_last_tokens_and_default_max_new_tokens(client):
 
 def test_stream_only_rules_arrive_as_sse_events(client):
     for params, msg in [
-        ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not supported when streaming tokens"),
+        (
+            {"best_of": 2, "do_sample": True},
+            "`best_of` != 1 is not supported when streaming tokens",
+        ),
         (
             {"decoder_input_details": True},
             "`decoder_input_details` == true is not supported when streaming tokens",
@@ -112,9 +120,24 @@ def test_stream_only_rules_arrive_as_sse_events(client):
         (b"{not json", {"content-type": "application/json"}, 400, "Failed to parse the request"),
         (b'{"inputs": 3}', {"content-type": "application/json"}, 422, "Failed to deserialize"),
         (b'{"parameters": {}}', {"content-type": "application/json"}, 422, "Failed to deserialize"),
-        (b'{"inputs":"a","parameters":{"max_new_tokens":1.5}}', {"content-type": "application/json"}, 422, "Failed to deserialize"),
-        (b'{"inputs":"a","parameters":{"max_new_tokens":-1}}', {"content-type": "application/json"}, 422, "Failed to deserialize"),
-        (b'{"inputs":"a","parameters":{"do_sample":"yes"}}', {"content-type": "application/json"}, 422, "Failed to deserialize"),
+        (
+            b'{"inputs":"a","parameters":{"max_new_tokens":1.5}}',
+            {"content-type": "application/json"},
+            422,
+            "Failed to deserialize",
+        ),
+        (
+            b'{"inputs":"a","parameters":{"max_new_tokens":-1}}',
+            {"content-type": "application/json"},
+            422,
+            "Failed to deserialize",
+        ),
+        (
+            b'{"inputs":"a","parameters":{"do_sample":"yes"}}',
+            {"content-type": "application/json"},
+            422,
+            "Failed to deserialize",
+        ),
         (b"[1, 2]", {"content-type": "application/json"}, 422, "Failed to deserialize"),
         (b'{"inputs": "a"}', {"content-type": "text/plain"}, 415, "Expected request with"),
         (b'{"inputs": "a"}', {}, 415, "Expected request with"),
@@ -130,5 +153,7 @@ def test_body_errors_are_clean_json(client, content, headers, status, prefix):
 
 
 def test_unknown_fields_are_ignored(client):
-    r = client.post("/generate", json={"inputs": "a", "foo": 1, "parameters": {"max_new_tokens": 1, "bar": 2}})
+    r = client.post(
+        "/generate", json={"inputs": "a", "foo": 1, "parameters": {"max_new_tokens": 1, "bar": 2}}
+    )
     assert r.status_code == 200

@@ -22,7 +22,11 @@ def _to_jsonschema(node: Any) -> Any:
         return [_to_jsonschema(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _to_jsonschema(v) for k, v in node.items() if k not in ("example", "default", "discriminator")}
+    out = {
+        k: _to_jsonschema(v)
+        for k, v in node.items()
+        if k not in ("example", "default", "discriminator")
+    }
     if out.pop("nullable", False):
         return {"anyOf": [out, {"type": "null"}]}
     return out

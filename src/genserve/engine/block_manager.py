@@ -187,7 +187,9 @@ class BlockManager:
             if req.status != RequestStatus.PREEMPTED:
                 req.num_cached_tokens = min(cached, req.num_prompt_tokens)
         else:
-            assert hit is None or not hit.block_ids, "a prefix hit only applies to a first allocation"
+            assert hit is None or not hit.block_ids, (
+                "a prefix hit only applies to a first allocation"
+            )
         for _ in range(self.num_blocks_for(num_tokens) - len(req.block_table)):
             req.block_table.append(self._take())
         return True
@@ -291,7 +293,9 @@ class BlockManager:
         used = 0
         for block in self.blocks[1:]:
             bid = block.block_id
-            assert block.ref_count == refs[bid], f"block {bid}: ref {block.ref_count} != {refs[bid]}"
+            assert block.ref_count == refs[bid], (
+                f"block {bid}: ref {block.ref_count} != {refs[bid]}"
+            )
             if block.hash is not None:
                 assert self._hash_to_block.get(block.hash) == bid, f"block {bid} hash unindexed"
             if block.ref_count > 0:

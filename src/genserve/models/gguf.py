@@ -10,7 +10,12 @@ Two things llama.cpp's converter did are undone here:
   interleaved) to suit llama.cpp's rotary kernel; we permute them back, as `transformers` does.
 
 Conversion writes into a temporary sibling directory and renames it into place, so concurrent
-processes converting the same file never see a half-written directory.
+processes converting the same file never see a half-written directory. `cached_gguf_dir` keeps
+one conversion per GGUF file:
+
+    <cache_root>/models/<gguf stem>-<key>/   config.json, model.safetensors, tokenizer.json, ...
+
+where `<key>` hashes the file's size, mtime and `CONVERTER_VERSION`: finding it costs one stat.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from genserve.models.gguf_tokenizer import TokenizerBuildError, build_tokenizer, tokenizer_config
+from genserve.models.gguf_tokenizer import (
+    TokenizerBuildError,
+    eos_token_ids,
+    tokenizer_metadata,
+    write_tokenizer_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +113,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
         raise GGUFError(f"GGUF file not found: {path}")
     with path.open("rb") as f:
         magic = f.read(4)
+    if not magic:
+        raise GGUFError(f"{path} is empty, not a GGUF file")
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (bad magic {magic!r})")
     try:
@@ -129,30 +142,25 @@ def _check_tensor_types(checkpoint: GGUFCheckpoint) -> None:
     """Fail before any work if a tensor's type cannot be dequantized (probe one block each)."""
     import gguf
 
-    probed: set[int] = set()
+    seen = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
     for tensor in checkpoint.tensors:
         qtype = tensor.tensor_type
-        if qtype in probed:
+        if qtype in seen:
             continue
-        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-            if tensor.data.dtype != np.uint8:
-                raise GGUFError(
-                    f"{checkpoint.path}: tensor {tensor.name} has unsupported type {qtype.name}"
-                )
-            try:
-                gguf.quants.dequantize(tensor.data.reshape(-1)[:block_bytes], qtype)
-            except NotImplementedError:
-                raise GGUFError(
-                    f"{checkpoint.path}: tensor {tensor.name} has unsupported type {qtype.name}"
-                ) from None
-        probed.add(qtype)
+        seen.add(qtype)
+        try:
+            if tensor.data.dtype != np.uint8:  # integer tensors: not weights we can use
+                raise NotImplementedError
+            block = tensor.data.reshape(-1)[: gguf.GGML_QUANT_SIZES[qtype][1]]
+            gguf.quants.dequantize(block, qtype)
+        except NotImplementedError:
+            raise GGUFError(
+                f"{checkpoint.path}: tensor {tensor.name} has unsupported type {qtype.name}"
+            ) from None
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF state-dict name of a GGUF tensor, or None for one with no HF counterpart."""
-    if gguf_name in _DROPPED_TENSORS:
-        return None
+    """HF state-dict name of a GGUF tensor; None if it has no HF counterpart or is unknown."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
@@ -160,7 +168,47 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if match and match.group(2) in _LAYER_TENSORS:
         layer, leaf, suffix = match.groups()
         return f"model.layers.{layer}.{_LAYER_TENSORS[leaf]}.{suffix}"
-    raise GGUFError(f"unexpected tensor {gguf_name!r} in GGUF file")
+    return None
+
+
+def _required_tensors(arch: str, num_layers: int) -> list[str]:
+    names = ["token_embd.weight", "output_norm.weight"]
+    leaves = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
+    leaves += ["ffn_gate", "ffn_up", "ffn_down"]
+    if arch == "qwen3":
+        leaves += ["attn_q_norm", "attn_k_norm"]
+    for i in range(num_layers):
+        names += [f"blk.{i}.{leaf}.weight" for leaf in leaves]
+        if arch == "qwen2":  # HF's Qwen2 always has q/k/v biases
+            names += [f"blk.{i}.attn_{p}.bias" for p in "qkv"]
+    return names
+
+
+def tensor_plan(checkpoint: GGUFCheckpoint, num_layers: int) -> list[tuple[str, list[int], Any]]:
+    """(HF name, HF shape, GGUF tensor) for every tensor to write, in file order.
+
+    Raises `GGUFError` for a missing or unknown tensor before anything is written.
+    """
+    present = {t.name for t in checkpoint.tensors}
+    for name in _required_tensors(checkpoint.arch, num_layers):
+        if name not in present:
+            raise GGUFError(f"{checkpoint.path}: missing tensor {name}")
+    plan = []
+    for tensor in checkpoint.tensors:
+        if tensor.name in _DROPPED_TENSORS:
+            logger.warning(
+                "%s: dropping %s: its Llama 3 rope scaling is not converted (only matters past "
+                "the original context length)",
+                checkpoint.path.name,
+                tensor.name,
+            )
+            continue
+        name = hf_tensor_name(tensor.name)
+        layer = _LAYER_NAME.match(tensor.name)
+        if name is None or (layer is not None and int(layer.group(1)) >= num_layers):
+            raise GGUFError(f"{checkpoint.path}: unexpected tensor {tensor.name}")
+        plan.append((name, [int(d) for d in reversed(tensor.shape.tolist())], tensor))
+    return plan
 
 
 def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -186,24 +234,13 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def _hf_tensors(checkpoint: GGUFCheckpoint) -> list[tuple[str, list[int], Any]]:
-    """(HF name, HF shape, GGUF tensor) for every tensor to write, in file order."""
-    out = []
-    for tensor in checkpoint.tensors:
-        name = hf_tensor_name(tensor.name)
-        if name is None:
-            logger.warning(
-                "%s: dropping tensor %s (no HF counterpart)", checkpoint.path.name, tensor.name
-            )
-            continue
-        out.append((name, [int(d) for d in reversed(tensor.shape.tolist())], tensor))
-    return out
-
-
-def _iter_weights(checkpoint: GGUFCheckpoint, config: Mapping[str, Any]) -> Iterator[np.ndarray]:
+def _iter_weights(
+    checkpoint: GGUFCheckpoint, config: Mapping[str, Any], plan: list[tuple[str, list[int], Any]]
+) -> Iterator[np.ndarray]:
+    """Each planned tensor as float32, Q/K rows back in HF order for llama."""
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     permute = ARCHITECTURES[checkpoint.arch].permute_qk
-    for name, _, tensor in _hf_tensors(checkpoint):
+    for name, _, tensor in plan:
         weight = dequantize_tensor(tensor)
         proj = name.split(".")[-2]
         if permute and proj in heads:
@@ -274,11 +311,11 @@ def hf_config(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": _f32(checkpoint.arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": _f32(checkpoint.arch_key("rope.freq_base", 10000.0)),
-        "max_position_embeddings": checkpoint.arch_key("context_length", 4096),
+        "max_position_embeddings": need("context_length"),
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": tok.get("bos_token_id"),
-        "eos_token_id": _eos_ids(tok),
+        "eos_token_id": eos_token_ids(tok),
         "pad_token_id": tok.get("padding_token_id"),
         "torch_dtype": "float32",
     }
@@ -301,8 +338,6 @@ def _f32(value: float) -> float:
 def _rope_scaling(checkpoint: GGUFCheckpoint) -> dict[str, Any] | None:
     kind = checkpoint.arch_key("rope.scaling.type")
     factor = checkpoint.arch_key("rope.scaling.factor")
-    if "rope_freqs.weight" in {t.name for t in checkpoint.tensors}:
-        logger.warning("%s: Llama 3 rope frequency factors are not converted", checkpoint.path.name)
     if kind in (None, "none") and factor in (None, 1.0):
         return None
     if kind not in ("linear", "yarn") or factor is None:
@@ -317,31 +352,13 @@ def _rope_scaling(checkpoint: GGUFCheckpoint) -> dict[str, Any] | None:
     return scaling
 
 
-def tokenizer_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """`tokenizer.ggml.*` keys without their prefix."""
-    prefix = "tokenizer.ggml."
-    return {k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)}
-
-
-def _eos_ids(tok: Mapping[str, Any]) -> int | list[int] | None:
-    """EOS plus end-of-turn / end-of-message ids when the file sets them (Llama 3 style)."""
-    ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        if tok.get(key) is not None and tok[key] not in ids:
-            ids.append(tok[key])
-    if not ids:
-        return None
-    return ids[0] if len(ids) == 1 else ids
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_model_dir(checkpoint: GGUFCheckpoint, out: Path) -> None:
     config = hf_config(checkpoint)
-    tok = tokenizer_metadata(checkpoint.meta)
-    chat_template = checkpoint.meta.get("tokenizer.chat_template")
+    plan = tensor_plan(checkpoint, config["num_hidden_layers"])
     _write_json(out / "config.json", config)
     generation = {
         k: config[k]
@@ -349,22 +366,16 @@ def _write_model_dir(checkpoint: GGUFCheckpoint, out: Path) -> None:
         if config[k] is not None
     }
     _write_json(out / "generation_config.json", generation)
-    if "tokens" in tok:
-        try:
-            tokenizer = build_tokenizer(tok)
-        except TokenizerBuildError as exc:
-            raise GGUFError(f"{checkpoint.path}: {exc}") from exc
-        tokenizer.save(str(out / "tokenizer.json"))
-        tok_config = tokenizer_config(
-            tok, chat_template=chat_template, max_length=config["max_position_embeddings"]
+    try:
+        wrote = write_tokenizer_files(
+            checkpoint.meta, out, max_length=config["max_position_embeddings"]
         )
-        _write_json(out / "tokenizer_config.json", tok_config)
-        if chat_template is not None:
-            (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    else:
+    except TokenizerBuildError as exc:
+        raise GGUFError(f"{checkpoint.path}: {exc}") from exc
+    if not wrote:
         logger.warning("%s has no tokenizer metadata; writing no tokenizer", checkpoint.path.name)
-    specs = [(name, shape) for name, shape, _ in _hf_tensors(checkpoint)]
-    write_safetensors(out / "model.safetensors", specs, _iter_weights(checkpoint, config))
+    specs = [(name, shape) for name, shape, _ in plan]
+    write_safetensors(out / "model.safetensors", specs, _iter_weights(checkpoint, config, plan))
     source = {
         "gguf": str(checkpoint.path),
         "size": checkpoint.path.stat().st_size,
@@ -386,16 +397,28 @@ def convert_gguf(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    start = time.perf_counter()
     checkpoint = read_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_model_dir(checkpoint, tmp)
+        _fsync_files(tmp)  # a crash after the rename must not leave empty files behind
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         _publish(tmp, out_dir, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.1f s", checkpoint.path.name, time.perf_counter() - start)
     return out_dir
+
+
+def _fsync_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _publish(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
@@ -415,6 +438,10 @@ def _publish(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
         logger.info("%s was converted concurrently by another process; keeping that one", out_dir)
 
 
+# A conversion's temp directory older than this was left by a process that died.
+STALE_TEMP_AGE_S = 3600.0
+
+
 def default_cache_root() -> Path:
     """`$GENSERVE_CACHE`, else `$XDG_CACHE_HOME/genserve`, else `~/.cache/genserve`."""
     if root := os.environ.get("GENSERVE_CACHE"):
@@ -426,10 +453,7 @@ def default_cache_root() -> Path:
 def cache_dir_for(
     gguf_path: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Where `cached_gguf_dir` keeps the conversion of `gguf_path`: `<root>/models/<stem>-<key>`.
-
-    The key hashes the file's size, mtime and the converter version: a stat, not a read.
-    """
+    """Where `cached_gguf_dir` keeps the conversion of `gguf_path` (a stat, no read)."""
     path = Path(gguf_path)
     try:
         st = path.stat()
@@ -444,14 +468,31 @@ def cache_dir_for(
 def cached_gguf_dir(
     gguf_path: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None
 ) -> Path:
-    """The HF directory converted from `gguf_path`, converting only on the first call."""
+    """The HF directory converted from `gguf_path`, converting only on the first call.
+
+    Safe for concurrent processes: each converts into its own temp directory and renames it
+    into place; the first rename wins and the others keep the winner's directory.
+    """
     out_dir = cache_dir_for(gguf_path, cache_root)
     if (out_dir / SOURCE_FILE).is_file():
         return out_dir
+    _remove_stale_temp_dirs(out_dir)
     logger.info("converting %s into %s", gguf_path, out_dir)
-    if out_dir.exists():  # not ours (no marker): a leftover from an older layout
+    if out_dir.exists():  # no marker: not a finished conversion of ours
         return convert_gguf(gguf_path, out_dir, overwrite=True)
     try:
         return convert_gguf(gguf_path, out_dir)
     except FileExistsError:  # another process published it between our checks
         return out_dir
+
+
+def _remove_stale_temp_dirs(out_dir: Path) -> None:
+    if not out_dir.parent.is_dir():
+        return
+    now = time.time()
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_AGE_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            pass

@@ -13,9 +13,11 @@ Only the `tokenizers` library is used: runtime code never imports `transformers`
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -138,11 +140,18 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
     kind = meta.get("model")
     if "tokens" not in meta:
         raise TokenizerBuildError("tokenizer.ggml.tokens is missing")
-    if kind == "gpt2":
-        return _byte_level_tokenizer(meta)
-    if kind == "llama":
-        return _sentencepiece_tokenizer(meta)
-    raise TokenizerBuildError(f"unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
+    builders = {"gpt2": _byte_level_tokenizer, "llama": _sentencepiece_tokenizer}
+    if kind not in builders:
+        raise TokenizerBuildError(
+            f"unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)"
+        )
+    try:
+        return builders[kind](meta)
+    except TokenizerBuildError:
+        raise
+    except Exception as exc:  # `tokenizers` rejects inconsistent vocabularies and merges
+        detail = " ".join(str(exc).split())
+        raise TokenizerBuildError(f"invalid {kind} tokenizer metadata ({detail})") from exc
 
 
 def default_add_bos(meta: Mapping[str, Any]) -> bool:
@@ -255,7 +264,9 @@ def _merges_from_scores(
     return [(left, right) for left, right, _ in candidates]
 
 
-def _add_special_tokens(tok: Tokenizer, meta: Mapping[str, Any], allowed, spelled) -> None:
+def _add_special_tokens(
+    tok: Tokenizer, meta: Mapping[str, Any], allowed: Callable[[str], bool], spelled: list[str]
+) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens.
 
     Either way they are matched whole in the input instead of being cut into pieces.
@@ -299,6 +310,39 @@ def _set_post_processor(tok: Tokenizer, meta: Mapping[str, Any]) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=specials
     )
+
+
+def tokenizer_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` entries of a GGUF's metadata, without that prefix."""
+    prefix = "tokenizer.ggml."
+    return {k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)}
+
+
+def eos_token_ids(tok: Mapping[str, Any]) -> int | list[int] | None:
+    """EOS, plus the end-of-turn / end-of-message ids when set (Llama 3 style)."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        if tok.get(key) is not None and tok[key] not in ids:
+            ids.append(tok[key])
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+def write_tokenizer_files(meta: Mapping[str, Any], out: Path, *, max_length: int | None) -> bool:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for GGUF metadata
+    `meta` (full key names) into `out`. False when the file describes no tokenizer."""
+    tok = tokenizer_metadata(meta)
+    if "tokens" not in tok:
+        return False
+    chat_template = meta.get("tokenizer.chat_template")
+    build_tokenizer(tok).save(str(out / "tokenizer.json"))
+    config = tokenizer_config(tok, chat_template=chat_template, max_length=max_length)
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (out / "tokenizer_config.json").write_text(text, encoding="utf-8")
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    return True
 
 
 def tokenizer_config(

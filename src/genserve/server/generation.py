@@ -170,7 +170,7 @@ class GenerationService:
             result = GenerationResult(valid=valid, timing=timing)
             async with aclosing(self.events(valid, timing)) as events:
                 async for ev in events:
-                    self._absorb(result, ev)
+                    self.absorb(result, ev)
                     if ev.finished:
                         break
                 else:
@@ -180,7 +180,7 @@ class GenerationService:
         finally:
             self.permits.release()
 
-    def _absorb(self, result: GenerationResult, ev: TokenEvent) -> None:
+    def absorb(self, result: GenerationResult, ev: TokenEvent) -> None:
         if ev.error is not None:
             raise self.fail(GenerationError(ev.error))
         if _is_prefill(ev):

@@ -75,7 +75,7 @@ async def _stream_events(
         if ev.error is not None:
             yield sse_data(service.fail(GenerationError(ev.error)).body())
             return
-        service._absorb(result, ev)
+        service.absorb(result, ev)
         if ev.finish_reason is None:
             yield sse_data(dump(stream_token(index, ev, valid.top_n_tokens)))
             continue

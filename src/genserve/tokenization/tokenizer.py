@@ -109,11 +109,9 @@ class Tokenizer:
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         config = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
-        bos = _token_content(config.get("bos_token")) or _token_content(
-            special_map.get("bos_token")
-        )
-        eos = _token_content(config.get("eos_token")) or _token_content(
-            special_map.get("eos_token")
+        bos, eos = (
+            _token_content(config.get(key)) or _token_content(special_map.get(key))
+            for key in ("bos_token", "eos_token")
         )
         eos_ids = _id_list(_read_json(path / "generation_config.json").get("eos_token_id"))
         eos_ids += _id_list(_read_json(path / "config.json").get("eos_token_id"))
@@ -165,7 +163,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ decoding
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = ids if isinstance(ids, list) else list(ids)
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         """The raw vocabulary entry (e.g. "Ġhello", "▁hello")."""
@@ -241,7 +240,7 @@ class IncrementalDetokenizer:
     context so SentencePiece and byte-level BPE get their leading spaces right) and
     `ids[prefix:]`. The difference is emitted unless it ends in "\ufffd" (an incomplete UTF-8
     character), in which case "" is returned and the bytes wait for the next token. The window
-    starts on the last 5 prompt ids.
+    starts on the last 5 prompt ids (fewer if they start mid-character).
 
     Pieces show special tokens (`output_text` is what the stream showed); `final_text()` is
     TGI's `generated_text`, re-decoded with special tokens skipped.
@@ -254,12 +253,19 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
         context = list(prompt_ids[-self.CONTEXT_TOKENS :]) if prompt_ids else []
+        # Start the context on a character boundary: SentencePiece's ByteFallback decoder turns a
+        # whole run of byte tokens into "\ufffd"s when the run starts mid-character, which would
+        # swallow generated characters that continue the run.
+        text = tokenizer.decode(context)
+        while context and text.startswith("\ufffd"):
+            context = context[1:]
+            text = tokenizer.decode(context)
         self._tokenizer = tokenizer
         self._ids = context  # the prompt's tail, then every generated id
         self._num_context = len(context)
         self._prefix = 0  # prefix_offset, relative to `_ids`
         self._read = len(context)  # read_offset: ids up to here are emitted
-        self._prefix_text: str | None = None  # decode(_ids[_prefix:_read]), lazily
+        self._prefix_text: str | None = text  # decode(_ids[_prefix:_read]), None = to compute
         self._pieces: list[str] = []
 
     def step(self, token_id: int) -> str:
