@@ -79,8 +79,7 @@ def launch(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from genserve.server.app import build_app
     from genserve.server.settings import ServerSettings
 
-    kwargs = launcher.engine_kwargs(AsyncEngine.from_model, args)
-    engine = AsyncEngine.from_model(args.model_id, **kwargs)
+    engine = AsyncEngine.from_model(args.model_id, **launcher.engine_kwargs(args))
     kv_tokens = int(getattr(engine, "kv_capacity_tokens", 0) or 0)
     max_input, max_total = launcher.resolve_token_limits(args, engine.max_model_len, kv_tokens)
     origins = tuple(o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip())
@@ -118,8 +117,8 @@ def _log_start(engine: Any, settings: Any, kv_tokens: int, host: str, port: int)
     logger.info(
         "Loaded model %s (dtype %s, device %s)",
         settings.model_id,
-        getattr(engine, "dtype", "?"),
-        getattr(engine, "device", "?"),
+        str(getattr(engine.engine, "dtype", "?")).removeprefix("torch."),
+        getattr(getattr(engine.engine, "runner", None), "device", "cpu"),
     )
     logger.info(
         "KV cache capacity: %d tokens; max_input_tokens %d, max_total_tokens %d",
@@ -144,25 +143,18 @@ def generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         kwargs["seed"] = args.seed
     (out,) = llm.generate([prompt], **kwargs)
+    if out.error is not None:
+        print(f"error: {out.error}", file=sys.stderr)
+        return 1
     print(out.text.strip() if not args.raw else out.text)
     return 0
 
 
 def _chat_prompt(llm: Any, user_text: str) -> str:
     """The prompt as the model's chat template renders one user turn (plain text if none)."""
-    tokenizer = getattr(llm, "tokenizer", None)
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    if not getattr(llm.tokenizer, "chat_template", None):
         return user_text
-    messages = [{"role": "user", "content": user_text}]
-    apply = getattr(llm, "apply_chat_template", None) or getattr(
-        tokenizer, "apply_chat_template", None
-    )
-    if apply is not None:
-        return apply(messages, add_generation_prompt=True)
-    from genserve.tokenization import chat_template as ct
-
-    return ct.render(template, messages, add_generation_prompt=True)  # type: ignore[attr-defined]
+    return llm.apply_chat_template([{"role": "user", "content": user_text}])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -229,7 +229,7 @@ def test_preempted_request_resumes_with_generated_tokens():
     assert out.preempted == [b] and b.status == RequestStatus.PREEMPTED
     generated = list(b.output_token_ids)
     assert generated and sched.waiting[0] is b and b.block_table == []
-    while b.status != RequestStatus.RUNNING:
+    while b.status == RequestStatus.PREEMPTED:
         out = eng.step()
     (sb,) = [s for s in out.scheduled if s.request is b]
     assert sb.num_new_tokens == 2 + len(generated)  # prompt + generated, recomputed
@@ -288,9 +288,7 @@ def test_duplicate_request_id_rejected():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_randomized_stress(seed):
     rng = random.Random(seed)
-    sched, eng = make_sched(
-        num_blocks=41, block_size=4, max_num_batched_tokens=32, max_num_seqs=8
-    )
+    sched, eng = make_sched(num_blocks=41, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 24))] for _ in range(4)]
     live: dict[str, Request] = {}
     aborted: set[str] = set()

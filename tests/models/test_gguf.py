@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -155,14 +156,12 @@ def test_special_tokens_are_whole(smol_tokenizer):
     assert smol_tokenizer.decode(enc.ids, skip_special_tokens=True) == "user\nhi"
 
 
-def test_digits_split_like_llama_cpp(smol_tokenizer, ref_tokenizer):
-    # `smollm` isolates every \p{N} character (llama.cpp, and SmolLM2's own tokenizer.json), which
-    # transformers' GGUF reader skips: the two agree on ASCII digits and differ on "½".
+def test_digits_split_like_llama_cpp(smol_tokenizer):
+    # `smollm` isolates every \p{N} character first (llama.cpp, and SmolLM2's own tokenizer.json).
+    # transformers' GGUF reader skips that step; it only shows on non-ASCII numerals such as "½"
+    # (the one string of 50 where transformers and llama.cpp disagree), so TEXTS avoids those.
     assert smol_tokenizer.encode("12345").tokens == list("12345")
     assert smol_tokenizer.encode("ied 4 ½ months").tokens == ["ied", "Ġ", "4", "Ġ", "Â½", "Ġmonths"]
-    assert (
-        ref_tokenizer.tokenize("ied 4 ½ months") != smol_tokenizer.encode("ied 4 ½ months").tokens
-    )
 
 
 def test_tokenizer_config_and_chat_template(smol_dir, ref_tokenizer):
@@ -730,6 +729,9 @@ def test_cache_converts_once_under_concurrency(tmp_path, monkeypatch):
     src = tmp_path / "tiny.gguf"
     write_tiny_gguf(src)
     cache = tmp_path / "cache"
+    stale = gg.cache_dir_for(src, cache).parent / f".{gg.cache_dir_for(src, cache).name}.tmp-dead"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # left by a process that died long ago
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(cached_gguf_dir(src, cache)))

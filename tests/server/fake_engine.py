@@ -7,7 +7,6 @@ when its iterator is closed before the end (recorded in `aborted`).
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 
 from genserve.engine.request import FinishReason, Request, TokenEvent, TopToken
@@ -67,13 +66,6 @@ class FakeEngine:
         self.num_running += 1
         done = False
         try:
-            if request.prefill_logprobs:
-                for i, tid in enumerate(request.prompt_token_ids):
-                    ev = TokenEvent(
-                        request.request_id, tid, f"p{tid}", math.nan if i == 0 else -1.0, False, -1
-                    )
-                    ev.prefill = True  # type: ignore[attr-defined]
-                    yield ev
             n = request.stopping.max_new_tokens
             seed = request.sampling.seed or 0
             text = ""
@@ -99,6 +91,8 @@ class FakeEngine:
                     top_tokens=top[: request.sampling.top_n_tokens],
                     num_prompt_tokens=len(request.prompt_token_ids),
                 )
+                if i == 0 and request.prefill_logprobs:
+                    ev.prompt_logprobs = [None] + [-1.0] * (len(request.prompt_token_ids) - 1)
                 if last:
                     ev.finish_reason = FinishReason.STOP_SEQUENCE if stop else FinishReason.LENGTH
                     ev.generated_text = text

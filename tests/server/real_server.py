@@ -26,9 +26,10 @@ def make_engine(model_dir: Path, **engine_kw: Any) -> Any:
         return FakeEngine(delay_s=0.002)
     if not HAVE_ENGINE:
         pytest.skip("genserve.engine.async_engine is not there yet")
+    from genserve.config import CacheConfig
     from genserve.engine.async_engine import AsyncEngine
 
-    kw = {"dtype": "float32", "kv_cache_memory": "64MiB", **engine_kw}
+    kw = {"dtype": "float32", "cache_config": CacheConfig(memory_bytes=64 << 20), **engine_kw}
     return AsyncEngine.from_model(str(model_dir), **kw)
 
 

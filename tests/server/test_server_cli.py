@@ -103,3 +103,22 @@ def test_generate_bad_model_is_one_line_error(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_generate_prints_the_answer(tiny_llama_dir):
+    done = run_cli(
+        "generate",
+        "Hello",
+        "--model-id",
+        str(tiny_llama_dir),
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    raw = run_cli(
+        "generate", "Hello", "--model-id", str(tiny_llama_dir), "--max-new-tokens", "4", "--raw"
+    )
+    assert raw.returncode == 0, raw.stderr

@@ -23,7 +23,7 @@ NPM_PACKAGE = "@huggingface/inference@3.15.0"
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    with real_server(tiny_llama_dir) as (url, engine):
+    with real_server(tiny_llama_dir, enable_prefill_logprobs=True) as (url, engine):
         yield url, engine
 
 
@@ -124,10 +124,10 @@ def test_every_route_body_matches_tgi_schema(server):
     url = server[0]
     with httpx.Client(base_url=url, timeout=60) as c:
         p = {"max_new_tokens": 3, "details": True, "decoder_input_details": True, "top_n_tokens": 2}
-        validate(
-            c.post("/generate", json={"inputs": "a b c", "parameters": p}).json(),
-            "GenerateResponse",
-        )
+        r = c.post("/generate", json={"inputs": "a b c", "parameters": p})
+        validate(r.json(), "GenerateResponse")
+        prefill = r.json()["details"]["prefill"]
+        assert len(prefill) == int(r.headers["x-prompt-tokens"]) and prefill[0]["logprob"] is None
         validate(
             c.post("/", json={"inputs": "a", "parameters": p}).json(),
             "GenerateResponse",

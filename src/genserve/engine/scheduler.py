@@ -162,6 +162,12 @@ class Scheduler:
             victim = self.running.pop()
             self._preempt(victim, out)
             if victim is req:
+                if not self.running:  # alone and still too big: it can never finish
+                    logger.warning(
+                        "%s needs more KV than the cache holds (%d tokens); it will livelock",
+                        req.request_id,
+                        num_tokens,
+                    )
                 return False
         return True
 

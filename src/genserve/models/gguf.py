@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1
 # Written into every converted directory; says where it came from.
 SOURCE_FILE = "gguf_source.json"
+# A conversion's temp directory older than this was left by a process that died.
+STALE_TEMP_AGE_S = 3600.0
 
 
 class GGUFError(ValueError):
@@ -436,10 +438,6 @@ def _publish(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
         if not out_dir.is_dir():
             raise
         logger.info("%s was converted concurrently by another process; keeping that one", out_dir)
-
-
-# A conversion's temp directory older than this was left by a process that died.
-STALE_TEMP_AGE_S = 3600.0
 
 
 def default_cache_root() -> Path:

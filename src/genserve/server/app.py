@@ -31,16 +31,19 @@ from genserve.server.validation import Validator
 logger = logging.getLogger(__name__)
 
 
-async def _call(obj: Any, *names: str) -> None:
-    """Call the first of `names` that `obj` has, awaiting it if it is async, else in a thread."""
+async def _call(obj: Any, *names: str, in_thread: bool = False) -> None:
+    """Call the first of `names` that `obj` has: awaited if async; a sync one runs on the loop
+    (`start` binds the running loop) or, with `in_thread`, in a worker thread (a blocking join)."""
     for name in names:
         fn = getattr(obj, name, None)
         if fn is None:
             continue
         if inspect.iscoroutinefunction(fn):
             await fn()
-        else:
+        elif in_thread:
             await asyncio.to_thread(fn)
+        else:
+            fn()
         return
 
 
@@ -59,6 +62,7 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         metrics,
         settings.max_concurrent_requests,
         enable_prefill_logprobs=settings.enable_prefill_logprobs,
+        token_text=getattr(tokenizer, "token_text", str),
     )
 
     @asynccontextmanager
@@ -67,7 +71,7 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         try:
             yield
         finally:
-            await _call(engine, "stop", "shutdown")
+            await _call(engine, "stop", "shutdown", in_thread=True)
             validator.close()
 
     app = FastAPI(

@@ -107,7 +107,9 @@ class GenerationService:
         metrics: ServerMetrics,
         max_concurrent_requests: int,
         enable_prefill_logprobs: bool = False,
+        token_text: Any = str,
     ) -> None:
+        self.token_text = token_text  # token id -> its text (skip_special_tokens=False)
         self.engine = engine
         self.validator = validator
         self.metrics = metrics
@@ -141,13 +143,12 @@ class GenerationService:
         """The engine's events for one request, with TTFT / ITL recorded. Closing this iterator
         (or cancelling its consumer) closes the engine's, which aborts the request."""
         last = 0.0
+        if not getattr(self.engine, "healthy", True):
+            raise self.fail(GenerationError("the engine is not running"))
         gen = self.engine.generate(self.engine_request(valid))
         try:
             async for ev in gen:
                 now = time.perf_counter()
-                if _is_prefill(ev):
-                    yield ev
-                    continue
                 if not timing.first_token:
                     timing.first_token = now
                     self.metrics.ttft.observe(now - timing.arrival)
@@ -183,17 +184,27 @@ class GenerationService:
     def absorb(self, result: GenerationResult, ev: TokenEvent) -> None:
         if ev.error is not None:
             raise self.fail(GenerationError(ev.error))
-        if _is_prefill(ev):
-            result.prefill.append(
-                PrefillToken(id=ev.token_id, text=ev.text, logprob=logprob_or_none(ev.logprob))
-            )
-            return
+        if ev.index == 0 and result.valid.decoder_input_details:
+            result.prefill = self.prefill_tokens(result.valid.input_ids, ev.prompt_logprobs)
         result.tokens.append(token_of(ev))
         if result.valid.top_n_tokens > 0:
             result.top_tokens.append(top_tokens_of(ev))
         if ev.finish_reason is not None:
             result.finish_reason = ev.finish_reason.value
             result.generated_text = ev.generated_text or ""
+
+    def prefill_tokens(
+        self, ids: list[int], logprobs: list[float | None] | None
+    ) -> list[PrefillToken]:
+        """`details.prefill`: empty unless `--enable-prefill-logprobs`, as in TGI; the first
+        prompt token has no logprob (nothing predicts it)."""
+        if not self.enable_prefill_logprobs or logprobs is None:
+            return []
+        text = self.token_text
+        return [
+            PrefillToken(id=i, text=text(i), logprob=logprob_or_none(lp))
+            for i, lp in zip(ids, logprobs, strict=False)
+        ]
 
     async def generate_best_of(
         self, req: GenerateRequest, best_of: int, arrival: float
@@ -226,11 +237,6 @@ class GenerationService:
         m.inference_duration.observe(t.end - t.first_token)
         m.time_per_token.observe((t.end - t.first_token) / n)
         m.generated_tokens.observe(len(result.tokens))
-
-
-def _is_prefill(ev: Any) -> bool:
-    """Prompt-token events (decoder_input_details) carry a negative generated-token index."""
-    return getattr(ev, "prefill", False) is True
 
 
 async def _aclose(gen: Any) -> None:

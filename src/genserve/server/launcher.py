@@ -4,7 +4,6 @@ TGI's argument checks and messages, then the engine, the app and uvicorn."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import ipaddress
 import json
 import logging
@@ -187,24 +186,55 @@ def setup_logging(json_output: bool) -> None:
     root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
 
 
-def engine_kwargs(factory: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Pass the engine factory the settings it accepts (its signature decides)."""
-    wanted = {
-        "revision": args.revision,
-        "dtype": args.dtype,
-        "kv_cache_memory": args.kv_cache_memory,
+def parse_bytes(text: str) -> int:
+    """`2GiB`, `512MiB`, `1.5GB`, `1000000` -> bytes."""
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "b": 1,
+    }
+    low = text.strip().lower()
+    for unit, factor in units.items():
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * factor)
+    return int(low)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`LLMEngine.from_model` keyword arguments from the launcher flags."""
+    from genserve.config import CacheConfig, SchedulerConfig
+    from genserve.sampling.watermark import WatermarkConfig
+
+    kw: dict[str, Any] = {"revision": args.revision, "dtype": args.dtype}
+    if args.kv_cache_memory:
+        kw["cache_config"] = CacheConfig(memory_bytes=parse_bytes(args.kv_cache_memory))
+    sched = {
         "max_num_batched_tokens": args.max_batch_prefill_tokens,
         "max_num_seqs": args.max_batch_size,
         "max_batch_total_tokens": args.max_batch_total_tokens,
-        "max_model_len": args.max_total_tokens,
-        "tokenizer_config_path": args.tokenizer_config_path,
-        "watermark_gamma": args.watermark_gamma,
-        "watermark_delta": args.watermark_delta,
     }
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in params)}
-    dropped = [k for k, v in wanted.items() if v is not None and k not in kwargs]
-    if dropped:
-        logger.warning("the engine does not take %s yet; ignored", ", ".join(dropped))
-    return kwargs
+    sched = {k: v for k, v in sched.items() if v is not None}
+    if sched:
+        # an explicit SchedulerConfig must say the model length the engine would have derived
+        kw["scheduler_config"] = SchedulerConfig(max_model_len=_model_len(args), **sched)
+    if args.watermark_gamma is not None or args.watermark_delta is not None:
+        defaults = WatermarkConfig()
+        kw["watermark"] = WatermarkConfig(
+            gamma=args.watermark_gamma if args.watermark_gamma is not None else defaults.gamma,
+            delta=args.watermark_delta if args.watermark_delta is not None else defaults.delta,
+        )
+    if args.tokenizer_config_path:
+        logger.warning("--tokenizer-config-path is not supported by the engine yet; ignored")
+    return kw
+
+
+def _model_len(args: argparse.Namespace) -> int:
+    if args.max_total_tokens is not None:
+        return args.max_total_tokens
+    from genserve.models.loader import load_config, resolve_model_dir
+
+    return load_config(resolve_model_dir(args.model_id, args.revision)).max_position_embeddings
