@@ -171,10 +171,10 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001 - isolate the failure to this step's requests
             log.exception("engine step failed; failing %d requests", len(out.scheduled))
             return self._fail([s.request for s in out.scheduled], f"{type(e).__name__}: {e}")
-        for s in prompt_rows:
-            self._live[s.request.request_id].prompt_logprobs.extend(
-                prompt_lps[s.request.request_id]
-            )
+        for s in prompt_rows:  # a preempted request recomputes its prompt: keep one copy
+            live = self._live[s.request.request_id]
+            del live.prompt_logprobs[s.start :]
+            live.prompt_logprobs.extend(prompt_lps[s.request.request_id])
         self.scheduler.update(out)
         events = []
         if sampled is not None:

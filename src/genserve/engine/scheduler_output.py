@@ -10,23 +10,23 @@ from genserve.engine.request import Request
 @dataclass(slots=True)
 class ScheduledRequest:
     """`num_new_tokens` tokens of `request`, starting at `request.num_computed_tokens`,
-    are computed this step. Blocks for all of them are already in `request.block_table`."""
+    are computed this step. Blocks for all of them are already in `request.block_table`.
+
+    `start` and `samples` are fixed when the step is scheduled, so they stay true after the
+    scheduler's update() and the engine's token append."""
 
     request: Request
     num_new_tokens: int
+    start: int = field(init=False)
+    samples: bool = field(init=False)  # the chunk reaches the last known token: sample one
 
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
+    def __post_init__(self) -> None:
+        self.start = self.request.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
     @property
     def end(self) -> int:
-        return self.request.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the last known token, so a new token is sampled."""
-        return self.end == self.request.num_tokens
+        return self.start + self.num_new_tokens
 
 
 @dataclass(slots=True)
