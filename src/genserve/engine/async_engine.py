@@ -21,6 +21,9 @@ from genserve.engine.request import Request, TokenEvent
 log = logging.getLogger(__name__)
 
 
+ENGINE_DOWN = "the engine is not running"
+
+
 class EngineDeadError(RuntimeError):
     pass
 
@@ -36,6 +39,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.healthy = False
+        self._closed: str | None = None  # set by close(): new requests fail with this message
         self.step_listeners: list[Any] = []  # called in the engine thread after each step
 
     @classmethod
@@ -60,6 +64,10 @@ class AsyncEngine:
         return self.engine.kv_capacity_tokens
 
     @property
+    def max_request_tokens(self) -> int:
+        return self.engine.max_request_tokens
+
+    @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + len(self._inbox)
 
@@ -67,10 +75,21 @@ class AsyncEngine:
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
+    @property
+    def num_live(self) -> int:
+        """Requests with a consumer on the event loop (not yet finished, failed or aborted)."""
+        return len(self._queues)
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (liveness); `healthy` also needs it not to have crashed."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ------------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self._stopping = False
+        self._closed = None
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
         self.healthy = True
         self._thread.start()
@@ -85,11 +104,13 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------- requests
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
-        """Yields the request's events; leaving early (cancel, close) aborts it."""
-        if not self.healthy:
-            raise EngineDeadError("the engine is not running")
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        """Yields the request's events; leaving early (cancel, close) aborts it. A dead or
+        closed engine answers at once with one error event (fail fast, never hang)."""
         rid = request.request_id
+        if not self.healthy or self._closed is not None:
+            yield TokenEvent(rid, -1, "", None, False, 0, error=self._closed or ENGINE_DOWN)
+            return
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._queues[rid] = queue
         finished = False
         with self._cond:
@@ -112,6 +133,15 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._cond.notify()
 
+    def close(self, message: str) -> None:
+        """End every live request with an error event carrying `message` and abort it in the
+        engine (graceful termination past its timeout); later requests fail the same way.
+        Call on the event loop."""
+        self._closed = message
+        for rid in list(self._queues):
+            self.abort(rid)
+        self._fail_all(message)
+
     # ---------------------------------------------------------------------- the thread
     def _run(self) -> None:
         try:
@@ -129,7 +159,7 @@ class AsyncEngine:
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
                 for req in inbox:
-                    self.engine.add_request(req)
+                    self._add(req)
                 for rid in aborts:
                     self.engine.abort(rid)
                 events = self.engine.step()
@@ -140,7 +170,16 @@ class AsyncEngine:
         except BaseException:  # noqa: BLE001 - the thread must report its death
             log.exception("engine thread died")
             self.healthy = False
-            self._loop.call_soon_threadsafe(self._fail_all, "the engine thread died")
+            self._loop.call_soon_threadsafe(self._fail_all, ENGINE_DOWN)
+
+    def _add(self, req: Request) -> None:
+        """A request the engine cannot take fails alone; the thread goes on."""
+        try:
+            self.engine.add_request(req)
+        except Exception as e:  # noqa: BLE001 - isolate it to this request
+            log.exception("could not add request %s", req.request_id)
+            error = TokenEvent(req.request_id, -1, "", None, False, 0, error=f"{e}")
+            self._loop.call_soon_threadsafe(self._dispatch, [error])
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:

@@ -83,6 +83,7 @@ class LLMEngine:
             model_config.eos_token_ids
         )
         self._live: dict[str, _Live] = {}
+        self._rejected: list[TokenEvent] = []  # error events for requests add_request refused
         self.last_step = StepStats()
         # test-only: called with the SchedulerOutput before the model runs (fault injection)
         self.fault_hook: Callable[[SchedulerOutput], None] | None = None
@@ -131,11 +132,33 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + generation) one request may hold in the KV cache."""
+        bm = self.block_manager
+        blocks = bm.num_usable_blocks
+        if self.scheduler_config.max_batch_total_tokens is not None:
+            blocks = min(blocks, self.scheduler_config.max_batch_total_tokens // bm.block_size)
+        return blocks * bm.block_size
+
     def add_request(self, request: Request) -> None:
+        """Queue a request. One that could never fit the KV cache is not queued (it would
+        livelock): it fails with an error event at the next step. Raises only if nothing was
+        recorded."""
+        need = request.num_prompt_tokens + request.stopping.max_new_tokens
+        if need > self.max_request_tokens:
+            message = (
+                f"the request needs {need} tokens of KV cache and at most "
+                f"{self.max_request_tokens} fit"
+            )
+            self._rejected.append(
+                TokenEvent(request.request_id, -1, "", None, False, 0, error=message)
+            )
+            return
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
         stop = StopChecker(request.stopping, self.eos_token_ids)
-        self._live[request.request_id] = _Live(request, detok, stop)
         self.scheduler.add_request(request)
+        self._live[request.request_id] = _Live(request, detok, stop)
 
     def abort(self, request_id: str) -> bool:
         """Abort an unfinished request; its blocks are free when this returns."""
@@ -145,7 +168,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._rejected)
 
     def _release(self, request_id: str) -> None:
         self._live.pop(request_id, None)
@@ -154,9 +177,10 @@ class LLMEngine:
     # ----------------------------------------------------------------------------- step
     def step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
+        events, self._rejected = self._rejected, []
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return events
         samplers = [s.request for s in out.scheduled if s.samples]
         prompt_rows = [
             s
@@ -170,20 +194,23 @@ class LLMEngine:
             sampled = self.sampler(logits, samplers) if samplers else None
         except Exception as e:  # noqa: BLE001 - isolate the failure to this step's requests
             log.exception("engine step failed; failing %d requests", len(out.scheduled))
-            return self._fail([s.request for s in out.scheduled], f"{type(e).__name__}: {e}")
+            failed = self._fail([s.request for s in out.scheduled], f"{type(e).__name__}: {e}")
+            return events + failed
         for s in prompt_rows:  # a preempted request recomputes its prompt: keep one copy
             live = self._live[s.request.request_id]
             del live.prompt_logprobs[s.start :]
             live.prompt_logprobs.extend(prompt_lps[s.request.request_id])
         self.scheduler.update(out)
-        events = []
         if sampled is not None:
             for i, req in enumerate(samplers):
-                events.append(
-                    self._on_token(
+                try:
+                    event = self._on_token(
                         req, sampled.token_ids[i], sampled.logprobs[i], sampled.top_tokens[i]
                     )
-                )
+                except Exception as e:  # noqa: BLE001 - e.g. a detokenizer bug: this request only
+                    log.exception("post-processing %s failed", req.request_id)
+                    event = self._fail([req], f"{type(e).__name__}: {e}")[0]
+                events.append(event)
         self.last_step = StepStats(
             len(out.scheduled),
             out.num_tokens,

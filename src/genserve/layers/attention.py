@@ -46,21 +46,24 @@ class PagedAttention(nn.Module):
         return g[..., :length, :, :]
 
     def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """One query per sequence, all sequences in one SDPA call with a length mask."""
+        """One query per sequence, all sequences in one SDPA call with a length mask.
+
+        GQA without copying K/V: the G query heads sharing a KV head become G "query rows" of
+        that head (HF layout: query head h reads KV head h // G)."""
         assert ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
-        s = ctx.decode_max_context
+        n, s = q.shape[0], ctx.decode_max_context
+        group = self.num_heads // self.num_kv_heads
         k = self._gather(self.k_cache, ctx.decode_block_tables, s).transpose(1, 2)
         v = self._gather(self.v_cache, ctx.decode_block_tables, s).transpose(1, 2)
         mask = torch.arange(s).unsqueeze(0) < ctx.decode_context_lens.unsqueeze(1)  # [N, S]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [N, H, 1, D]
+            q.view(n, self.num_kv_heads, group, self.head_dim),
             k,  # [N, KVH, S, D]
             v,
             attn_mask=mask[:, None, None, :],
             scale=self.scale,
-            enable_gqa=True,
-        )
-        return o.squeeze(2)
+        )  # [N, KVH, G, D]
+        return o.reshape(n, self.num_heads, self.head_dim)
 
     def _prefill(
         self,
@@ -78,17 +81,18 @@ class PagedAttention(nn.Module):
         else:
             k = self._gather(self.k_cache, block_table, context_len)
             v = self._gather(self.v_cache, block_table, context_len)
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # expanded K/V keep SDPA on its fused (flash) CPU kernel
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        # [1, H, n|L, D]: the fused CPU kernel wants 4-D inputs (3-D falls back to math)
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         if start == 0:
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True
-            )
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
         else:
             # query i sits at absolute position start+i and sees keys 0..start+i
             mask = torch.arange(context_len).unsqueeze(0) <= (
                 torch.arange(n).unsqueeze(1) + start
             )
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
-        return o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        return o.squeeze(0).transpose(0, 1)

@@ -80,3 +80,15 @@ class RequestBodyError(InferError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TemplateError(InferError):
+    """The chat template failed (or there is none): TGI's `InferError::TemplateError`."""
+
+    status = 422
+    error_type = "template_error"
+    metric_label = "template"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Template error: {reason}")
+        self.reason = reason

@@ -30,6 +30,8 @@ from genserve.server.validation import Validator, ValidRequest
 
 logger = logging.getLogger(__name__)
 
+ENGINE_DOWN = "the engine is not running"
+
 
 class Engine(Protocol):
     """What the HTTP layer needs from `AsyncEngine`."""
@@ -99,6 +101,26 @@ class Permits:
         self.in_use -= n
 
 
+class QueuedTokens:
+    """Prompt tokens submitted to the engine whose first token has not come back yet
+    (`--max-queued-tokens`). Past the limit a request is refused at once (429) instead of
+    queueing for minutes; an empty queue always admits one request, however long."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.queued = 0
+
+    def check(self, n: int) -> None:
+        if self.limit is not None and self.queued and self.queued + n > self.limit:
+            raise OverloadedError()
+
+    def add(self, n: int) -> None:
+        self.queued += n
+
+    def remove(self, n: int) -> None:
+        self.queued -= n
+
+
 class GenerationService:
     def __init__(
         self,
@@ -108,12 +130,14 @@ class GenerationService:
         max_concurrent_requests: int,
         enable_prefill_logprobs: bool = False,
         token_text: Any = str,
+        max_queued_tokens: int | None = None,
     ) -> None:
         self.token_text = token_text  # token id -> its text (skip_special_tokens=False)
         self.engine = engine
         self.validator = validator
         self.metrics = metrics
         self.permits = Permits(max_concurrent_requests)
+        self.queued_tokens = QueuedTokens(max_queued_tokens)
         self.enable_prefill_logprobs = enable_prefill_logprobs
 
     def fail(self, err: InferError) -> InferError:
@@ -121,8 +145,12 @@ class GenerationService:
         return err
 
     async def validate(self, req: GenerateRequest, timing: Timing) -> ValidRequest:
+        """Validation, then admission: a dead engine (424) or a full queue (429) fail fast."""
         try:
+            if not getattr(self.engine, "healthy", True):
+                raise GenerationError(ENGINE_DOWN)
             valid = await self.validator.validate(req)
+            self.queued_tokens.check(valid.input_length)
         except InferError as err:
             raise self.fail(err) from None
         self.metrics.input_length.observe(valid.input_length)
@@ -143,11 +171,13 @@ class GenerationService:
         """The engine's events for one request, with TTFT / ITL recorded. Closing this iterator
         (or cancelling its consumer) closes the engine's, which aborts the request."""
         last = 0.0
-        if not getattr(self.engine, "healthy", True):
-            raise self.fail(GenerationError("the engine is not running"))
         gen = self.engine.generate(self.engine_request(valid))
+        queued = valid.input_length  # counted until the first event comes back
+        self.queued_tokens.add(queued)
         try:
             async for ev in gen:
+                self.queued_tokens.remove(queued)
+                queued = 0
                 now = time.perf_counter()
                 if not timing.first_token:
                     timing.first_token = now
@@ -157,6 +187,7 @@ class GenerationService:
                 last = now
                 yield ev
         finally:
+            self.queued_tokens.remove(queued)
             await _aclose(gen)
 
     async def generate(self, req: GenerateRequest, arrival: float) -> GenerationResult:

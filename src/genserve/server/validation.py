@@ -30,6 +30,8 @@ class ValidationLimits:
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
     disable_grammar_support: bool = False
+    # the most tokens one request may hold in the KV cache; a request past it could never run
+    kv_capacity_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -188,7 +190,10 @@ class Validator:
         if max_new_tokens is not None:
             chunk = total_new = max_new_tokens
         else:
-            total_new = max(lim.max_total_tokens - input_length, 0)
+            limit = lim.max_total_tokens
+            if lim.kv_capacity_tokens is not None:  # unset means "as much as fits"
+                limit = min(limit, lim.kv_capacity_tokens)
+            total_new = max(limit - input_length, 0)
             chunk = min(total_new, DEFAULT_GENERATION_LENGTH)
         if input_length + chunk > lim.max_total_tokens:
             raise ValidationError(
@@ -201,6 +206,12 @@ class Validator:
             )
         input_ids = ids[len(ids) - input_length :]
         engine_max_new = max(1, min(total_new, lim.max_total_tokens - input_length))
+        cap = lim.kv_capacity_tokens
+        if cap is not None and input_length + engine_max_new > cap:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {cap} (the KV cache capacity). "
+                f"Given: {input_length} `inputs` tokens and {engine_max_new} `max_new_tokens`"
+            )
         return input_ids, chunk, engine_max_new
 
     def validate_best_of(self, best_of: int) -> int:

@@ -95,6 +95,7 @@ class Tokenizer:
             eos_ids.add(eos_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
         self.chat_template = chat_template
+        self.source_dir: Path | None = None  # the model directory, when read from one
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         added = tokenizer.get_added_tokens_decoder()
         self.special_token_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
@@ -122,7 +123,7 @@ class Tokenizer:
         jinja = path / "chat_template.jinja"
         if template is None and jinja.is_file():
             template = jinja.read_text(encoding="utf-8")
-        return cls(
+        tokenizer = cls(
             tok,
             bos_token=bos,
             eos_token=eos,
@@ -131,6 +132,8 @@ class Tokenizer:
             add_eos_token=add_eos if isinstance(add_eos, bool) else None,
             chat_template=template,
         )
+        tokenizer.source_dir = path
+        return tokenizer
 
     # ------------------------------------------------------------------ encoding
 
