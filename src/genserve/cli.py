@@ -50,6 +50,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    from genserve.bench.cli import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load-test a TGI/OpenAI server (see bench/README.md)")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -59,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "launch":
             return launch(args, environ)
+        if args.command == "bench":
+            from genserve.bench.cli import run as bench
+
+            return bench(args)
         return generate(args)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -73,10 +81,9 @@ def launch(args: argparse.Namespace, environ: dict[str, str]) -> int:
     launcher.setup_logging(args.json_output)
     launcher.check_arguments(args)  # before any model work: bad flags fail at once
 
-    import uvicorn
-
     from genserve.engine.async_engine import AsyncEngine
     from genserve.server.app import build_app
+    from genserve.server.lifecycle import serve
     from genserve.server.settings import ServerSettings
 
     engine = AsyncEngine.from_model(args.model_id, **launcher.engine_kwargs(args))
@@ -99,17 +106,17 @@ def launch(args: argparse.Namespace, environ: dict[str, str]) -> int:
         enable_prefill_logprobs=args.enable_prefill_logprobs,
         disable_grammar_support=args.disable_grammar_support,
         compute_type=launcher.compute_type(environ),
+        tokenizer_config_path=args.tokenizer_config_path,
+        max_queued_tokens=launcher.resolve_max_queued_tokens(args, kv_tokens, max_input),
+        graceful_termination_timeout=args.graceful_termination_timeout,
+        request_read_timeout=args.request_read_timeout,
     )
     host = launcher.bind_host(args.hostname)
     _log_start(engine, settings, kv_tokens, host, args.port)
     app = build_app(engine, settings)
-    uvicorn.run(
-        app,
-        host=host,
-        port=args.port,
-        log_config=None,
-        timeout_graceful_shutdown=args.graceful_termination_timeout,
-    )
+    # SIGTERM/SIGINT drain (docs/operations.md), then exit 0
+    serve(app, host, args.port, keep_alive_timeout=args.keep_alive_timeout,
+          read_timeout=args.request_read_timeout)  # fmt: skip
     return 0
 
 

@@ -56,7 +56,9 @@ def run_greedy(runner: ModelRunner, seqs: list[Seq]) -> None:
         step += 1
 
 
-def reference_greedy(hf_model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+def reference_greedy(
+    hf_model, prompt: list[int], steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' own incremental greedy loop (with its KV cache, as `generate` runs):
     the definition of correct greedy tokens and logits."""
     out, logits = [], []

@@ -53,4 +53,6 @@ def test_mixed_batch_matches_transformers(arch_setup):
     for s, p in zip(seqs, prompts, strict=True):
         ref_tokens, ref_logits = reference_greedy(hf, p, STEPS)
         assert s.req.output_token_ids == ref_tokens, f"sequence {s.req.request_id}"
-        torch.testing.assert_close(torch.stack(s.logits), torch.stack(ref_logits), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.stack(s.logits), torch.stack(ref_logits), atol=1e-4, rtol=1e-4
+        )

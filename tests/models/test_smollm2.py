@@ -44,7 +44,9 @@ def test_logits_match_transformers_gguf_loader(our_dir, smollm2_dir):
 
 def test_greedy_chat_mentions_paris(smollm2_gguf_path):
     llm = LLM(str(smollm2_gguf_path), dtype="float32")
-    prompt = llm.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = llm.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
     (out,) = llm.generate(prompt, max_new_tokens=24, add_special_tokens=False)
     assert "Paris" in out.text, out.text
     assert out.finish_reason.value == "eos_token"

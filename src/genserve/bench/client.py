@@ -23,10 +23,8 @@ from typing import Any
 
 import aiohttp
 
+from genserve.bench.choices import APIS, FIXED_LENGTH_MODES  # noqa: F401 (re-exported)
 from genserve.bench.prompts import RequestSpec
-
-APIS = ("tgi", "openai-completions", "openai-chat")
-FIXED_LENGTH_MODES = ("ignore_eos", "hf-generation-config", "none")
 
 
 @dataclass(slots=True)
@@ -139,9 +137,13 @@ def _openai_event(api: str, obj: dict) -> _Event:
     return _Event(tokens=tokens, total_tokens=total)
 
 
-async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec) -> RequestRecord:
-    """Send one streaming request; never raises for server or network failures."""
+async def send(
+    session: aiohttp.ClientSession, target: Target, spec: RequestSpec, records: list[RequestRecord]
+) -> RequestRecord:
+    """Send one streaming request, its record appended to `records` first (so a request cut off
+    by the run's time limit is still counted). Never raises for server or network failures."""
     rec = RequestRecord(spec.input_len, spec.output_len, time.perf_counter())
+    records.append(rec)
     path, body = request_body(target, spec)
     try:
         async with session.post(target.base_url + path, json=body) as resp:
@@ -163,7 +165,7 @@ async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, api: str, rec: RequestRecord) -> None:
-    counted, total, finished = 0, None, False
+    total, finished = None, False
     async for raw in resp.content:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
@@ -174,14 +176,15 @@ async def _read_stream(resp: aiohttp.ClientResponse, api: str, rec: RequestRecor
             return
         if ev.tokens:
             rec.chunk_times.append(time.perf_counter())
-            counted += ev.tokens
+            rec.output_tokens += ev.tokens
         if ev.total_tokens is not None:
             total = ev.total_tokens
         if ev.done:
             finished = True
             break
     rec.end = time.perf_counter()
-    rec.output_tokens = total if total is not None else counted
+    if total is not None:
+        rec.output_tokens = total
     if not finished and api == "tgi":
         rec.error = "stream_incomplete"
     elif not rec.chunk_times:

@@ -117,12 +117,20 @@ def sharegpt_lengths(n: int, seed: int) -> list[tuple[int, int]]:
     return [(int(i), int(o)) for i, o in zip(ins, outs, strict=True)]
 
 
-def synthetic_specs(builder: PromptBuilder, lengths: Sequence[tuple[int, int]]) -> list[RequestSpec]:
+def synthetic_specs(
+    builder: PromptBuilder, lengths: Sequence[tuple[int, int]]
+) -> list[RequestSpec]:
     return [RequestSpec(builder.text(i), i, o) for i, o in lengths]
 
 
 def shared_prefix_specs(
-    builder: PromptBuilder, n: int, prefix_len: int, question_len: int, output_len: int, *, shared: bool
+    builder: PromptBuilder,
+    n: int,
+    prefix_len: int,
+    question_len: int,
+    output_len: int,
+    *,
+    shared: bool,
 ) -> list[RequestSpec]:
     """`n` prompts: one `prefix_len`-token system prompt (or a different one per request when
     `shared` is false, the no-cache control) followed by a distinct `question_len`-token question."""

@@ -16,6 +16,7 @@ import torch
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from genserve.layers.fused_decode import FusedDecode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ModelRunner:
         cfg: ModelConfig,
         cache: CacheConfig,
         dtype: torch.dtype,
+        native_kernels: bool = True,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -76,6 +78,8 @@ class ModelRunner:
             k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
+        # bf16 pure-decode steps run through the fused native layer kernel when available
+        self.fused = FusedDecode.create(model, dtype) if native_kernels else None
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -156,15 +160,22 @@ class ModelRunner:
         requests in `prompt_logprob_rows` the logprob of each prompt token this chunk predicts.
         """
         step = self.prepare(out.scheduled)
+        fused = self.fused if self.fused is not None and self.fused.supports(step.ctx) else None
         with forward_context(step.ctx):
-            hidden = self.model(step.input_ids, step.positions)
+            if fused is not None:
+                hidden = fused.forward(step.input_ids, step.positions, step.ctx)
+            else:
+                hidden = self.model(step.input_ids, step.positions)
         prompt_lps = {
             s.request.request_id: self._prompt_logprobs(s, hidden, step)
             for s in prompt_logprob_rows
         }
         if step.logits_rows.numel() == 0:
             return torch.empty(0, self.cfg.vocab_size), prompt_lps
-        return self.model.compute_logits(hidden[step.logits_rows]), prompt_lps
+        rows = hidden[step.logits_rows]
+        if fused is not None:
+            return fused.logits(rows), prompt_lps
+        return self.model.compute_logits(rows), prompt_lps
 
     def _prompt_logprobs(
         self, s: ScheduledRequest, hidden: torch.Tensor, step: StepInputs

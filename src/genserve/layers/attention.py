@@ -91,8 +91,6 @@ class PagedAttention(nn.Module):
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
         else:
             # query i sits at absolute position start+i and sees keys 0..start+i
-            mask = torch.arange(context_len).unsqueeze(0) <= (
-                torch.arange(n).unsqueeze(1) + start
-            )
+            mask = torch.arange(context_len).unsqueeze(0) <= (torch.arange(n).unsqueeze(1) + start)
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
         return o.squeeze(0).transpose(0, 1)

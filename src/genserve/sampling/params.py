@@ -21,7 +21,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # TGI/CTRL style, over prompt + generated ids
     frequency_penalty: float = 0.0  # TGI style: count / sequence length (TGI) ...
     presence_penalty: float = 0.0  # OpenAI style: flat, once per seen generated token
-    openai_penalties: bool = False  # frequency penalty with OpenAI semantics (raw count, generated ids only)
+    openai_penalties: bool = (
+        False  # frequency penalty with OpenAI semantics (raw count, generated ids only)
+    )
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     watermark: bool = False

@@ -12,23 +12,30 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from genserve.server.auth import ApiKeyMiddleware
 from genserve.server.errors import InferError
 from genserve.server.generation import GenerationService
+from genserve.server.lifecycle import Lifecycle, LifecycleMiddleware
+from genserve.server.lifecycle import router as probes_router
+from genserve.server.limits import RequestLimitsMiddleware
 from genserve.server.metrics import ServerMetrics
 from genserve.server.openapi import build_openapi
+from genserve.server.routes_openai import install as install_openai
 from genserve.server.routes_tgi import router as tgi_router
 from genserve.server.settings import ServerSettings
 from genserve.server.validation import Validator
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
 
 
 async def _call(obj: Any, *names: str, in_thread: bool = False) -> None:
@@ -51,8 +58,12 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
     """`tokenizer` defaults to `engine.tokenizer`."""
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     metrics = ServerMetrics(settings.max_input_tokens, settings.max_total_tokens)
+    # a request that could never fit the KV cache is a 422 at validation, never a hang
+    limits = replace(
+        settings.limits, kv_capacity_tokens=getattr(engine, "max_request_tokens", None)
+    )
     validator = Validator(
-        settings.limits,
+        limits,
         lambda text, special: list(tokenizer.encode(text, add_special_tokens=special)),
         workers=settings.validation_workers,
     )
@@ -63,7 +74,9 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         settings.max_concurrent_requests,
         enable_prefill_logprobs=settings.enable_prefill_logprobs,
         token_text=getattr(tokenizer, "token_text", str),
+        max_queued_tokens=settings.max_queued_tokens,
     )
+    lifecycle = Lifecycle(engine, settings.graceful_termination_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,11 +97,14 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
     app.state.engine = engine
     app.state.settings = settings
     app.state.service = service
+    app.state.lifecycle = lifecycle
     app.state.tokenizer = tokenizer
     # (predicate(body) -> bool, handler(request, body, arrival)) for `/invocations` branches
     app.state.invocation_branches = []
     app.include_router(tgi_router)
+    app.include_router(probes_router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    install_openai(app)  # /v1/*, /chat_tokenize, the chat template, /invocations branches
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_alias() -> JSONResponse:
@@ -97,6 +113,8 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
     _install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(RequestLimitsMiddleware, read_timeout=settings.request_read_timeout)
     # added last = outermost, so a 401 still carries the CORS headers
     app.add_middleware(
         CORSMiddleware,
@@ -110,7 +128,13 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferError)
     async def infer_error(request: Request, exc: InferError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # an overloaded server says when to come back (TGI sends no Retry-After)
+        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # left while sending its body; nobody reads this
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

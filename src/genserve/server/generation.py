@@ -144,12 +144,15 @@ class GenerationService:
         self.metrics.failure(err.metric_label)
         return err
 
-    async def validate(self, req: GenerateRequest, timing: Timing) -> ValidRequest:
-        """Validation, then admission: a dead engine (424) or a full queue (429) fail fast."""
+    async def validate(
+        self, req: GenerateRequest, timing: Timing, add_special_tokens: bool = True
+    ) -> ValidRequest:
+        """Validation, then admission: a dead engine (424) or a full queue (429) fail fast.
+        `add_special_tokens=False` for prompts a chat template rendered (TGI's chat route)."""
         try:
             if not getattr(self.engine, "healthy", True):
                 raise GenerationError(ENGINE_DOWN)
-            valid = await self.validator.validate(req)
+            valid = await self.validator.validate(req, add_special_tokens)
             self.queued_tokens.check(valid.input_length)
         except InferError as err:
             raise self.fail(err) from None

@@ -54,6 +54,15 @@ FLAGS: list[tuple[str, Any, Any, str]] = [
     ("--disable-grammar-support", bool, False, "reject every grammar"),
     ("--max-client-batch-size", int, 4, "most prompts per /v1/completions request"),
     ("--graceful-termination-timeout", int, 90, "seconds to finish requests on shutdown"),
+    (
+        "--max-queued-tokens",
+        int,
+        None,
+        "prompt tokens waiting for their first token before new requests get 429 "
+        "(default: the KV cache capacity; 0: unbounded)",
+    ),
+    ("--request-read-timeout", float, 30.0, "seconds a client has to send a request (else 408)"),
+    ("--keep-alive-timeout", float, 5.0, "seconds an idle keep-alive connection stays open"),
     ("--tokenizer-config-path", str, None, "tokenizer_config.json overriding the model's"),
     ("--watermark-gamma", float, None, "watermark gamma (default 0.5)"),
     ("--watermark-delta", float, None, "watermark delta (default 2.0)"),
@@ -118,7 +127,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     prefill = args.max_batch_prefill_tokens
     if prefill is not None and mbt is not None and prefill > mbt:
         raise ArgumentValidation("`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`")
-    for name in ("max_concurrent_requests", "max_best_of", "payload_limit"):
+    path = getattr(args, "tokenizer_config_path", None)
+    if path and not os.path.isfile(path):
+        raise ArgumentValidation(f"`tokenizer_config_path` is not a file: {path}")
+    for name in ("max_concurrent_requests", "max_best_of", "payload_limit", "max_queued_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ArgumentValidation(f"`{name}` must be >= 0")
 
@@ -139,7 +151,20 @@ def resolve_token_limits(
         raise ArgumentValidation(
             f"`max_total_tokens`({total}) must be <= the model's maximum length ({max_model_len})"
         )
+    if kv_tokens and total > kv_tokens:  # one such request could never run (TGI's message)
+        raise ArgumentValidation(f"Not enough memory to handle `max_total_tokens={total}`")
     return inp, total
+
+
+def resolve_max_queued_tokens(
+    args: argparse.Namespace, kv_tokens: int, max_input: int
+) -> int | None:
+    """Default: what the KV cache holds (and at least one longest prompt); 0 means unbounded."""
+    if args.max_queued_tokens == 0:
+        return None
+    if args.max_queued_tokens is not None:
+        return args.max_queued_tokens
+    return max(kv_tokens, max_input)
 
 
 def bind_host(hostname: str) -> str:
@@ -227,8 +252,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             gamma=args.watermark_gamma if args.watermark_gamma is not None else defaults.gamma,
             delta=args.watermark_delta if args.watermark_delta is not None else defaults.delta,
         )
-    if args.tokenizer_config_path:
-        logger.warning("--tokenizer-config-path is not supported by the engine yet; ignored")
     return kw
 
 

@@ -13,6 +13,7 @@ from genserve.server.openai_run import (
     Choice,
     error_event,
     interleaved,
+    sse,
     trim_stop,
 )
 from genserve.server.protocol import Token
@@ -22,7 +23,7 @@ from genserve.server.protocol_openai import (
     openai_logprob,
     usage,
 )
-from genserve.server.streaming import KEEP_ALIVE, sse_data, with_keepalive
+from genserve.server.streaming import KEEP_ALIVE, with_keepalive
 
 
 def logprob_entry(token: Token, top: list[Token] | None) -> dict[str, Any]:
@@ -119,12 +120,12 @@ async def chat_stream(
                 r = choice.result
                 top = r.top_tokens[-1] if r.top_tokens else None
                 lp = {"content": [logprob_entry(r.tokens[-1], top)]}
-            yield sse_data(_chunk(meta, choice.index, content, lp, finish))
+            yield sse(_chunk(meta, choice.index, content, lp, finish))
         if include_usage:
             body = meta.envelope("chat.completion.chunk")
             body["choices"] = []
             body["usage"] = response_usage(choices)
-            yield sse_data(body)
+            yield sse(body)
     except InferError as err:
-        yield sse_data(error_event(err))
+        yield sse(error_event(err))
     yield DONE

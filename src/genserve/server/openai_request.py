@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from genserve.server.errors import InferError, TemplateError, ValidationError
+from genserve.server.errors import TemplateError, ValidationError
 from genserve.server.generation import GenerationService, Timing
 from genserve.server.protocol import GenerateParameters, GenerateRequest, GrammarType
 from genserve.server.protocol_openai import ChatMessage, ChatRequest, _Sampling
@@ -92,9 +91,7 @@ def _logit_bias(raw: dict[str, float], vocab_size: int) -> dict[int, float]:
         try:
             token = int(key)
         except ValueError:
-            raise ValidationError(
-                f"`logit_bias` keys must be token ids. Given: {key!r}"
-            ) from None
+            raise ValidationError(f"`logit_bias` keys must be token ids. Given: {key!r}") from None
         if not 0 <= token < vocab_size:
             raise ValidationError(
                 f"`logit_bias` token ids must be >= 0 and < {vocab_size}. Given: {token}"
@@ -122,8 +119,7 @@ def _content_text(msg: ChatMessage, index: int) -> str | None:
             )
         else:
             raise ValidationError(
-                f"messages[{index}]: unsupported content part type {part.type!r} "
-                "(expected `text`)"
+                f"messages[{index}]: unsupported content part type {part.type!r} (expected `text`)"
             )
     return "".join(texts)
 
@@ -188,15 +184,8 @@ def render_chat(
 async def validate(
     service: GenerationService, req: GenerateRequest, add_special_tokens: bool, arrival: float
 ) -> tuple[ValidRequest, Timing]:
-    """`GenerationService.validate`, with the chat route's `add_special_tokens=False`."""
     timing = Timing(arrival=arrival)
-    try:
-        valid = await service.validator.validate(req, add_special_tokens=add_special_tokens)
-    except InferError as err:
-        raise service.fail(err) from None
-    service.metrics.input_length.observe(valid.input_length)
-    service.metrics.max_new_tokens.observe(valid.max_new_tokens_chunk)
-    timing.queued = time.perf_counter()
+    valid = await service.validate(req, timing, add_special_tokens=add_special_tokens)
     return valid, timing
 
 

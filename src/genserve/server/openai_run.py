@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from genserve.engine.request import TokenEvent
 from genserve.server.errors import IncompleteGenerationError, InferError, OverloadedError
@@ -114,9 +116,7 @@ class Permits:
             self.service.permits.release(self.n)
 
 
-async def _pump(
-    service: GenerationService, choice: Choice, queue: asyncio.Queue
-) -> None:
+async def _pump(service: GenerationService, choice: Choice, queue: asyncio.Queue) -> None:
     try:
         async with aclosing(service.events(choice.valid, choice.result.timing)) as events:
             async for ev in events:
@@ -193,7 +193,14 @@ class GuardedBody:
             self.permits.release()
 
 
-DONE = b"data:[DONE]\n\n"
+# OpenAI's framing, `data: ` with a space (TGI's native routes write `data:`): SSE parsers read
+# both, but huggingface_hub's chat stream only recognizes the end as `data: [DONE]`.
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: Any) -> bytes:
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def error_event(err: InferError) -> dict:

@@ -239,7 +239,7 @@ HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 async def _health(request: Request) -> Response:
-    if getattr(request.app.state.engine, "healthy", True):
+    if request.app.state.lifecycle.ready:  # the engine runs and the server is not draining
         return Response(status_code=200)
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
 

@@ -31,6 +31,13 @@ class ServerSettings:
     compute_type: str = "cpu"
     docker_label: str | None = None
     sha: str | None = None
+    tokenizer_config_path: str | None = None  # its chat_template/bos/eos replace the model's
+    # reliability (docs/operations.md): prompt tokens waiting for their first token before
+    # 429 (None: unbounded), drain time on SIGTERM, slow-client deadline for a request's
+    # head and body
+    max_queued_tokens: int | None = None
+    graceful_termination_timeout: float = 90.0
+    request_read_timeout: float = 30.0
 
     @property
     def limits(self) -> ValidationLimits:

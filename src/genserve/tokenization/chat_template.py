@@ -9,8 +9,9 @@ which `default` is used.
 Rendering uses jinja2's `ImmutableSandboxedEnvironment` set up as transformers sets it up
 (`trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a `tojson`
 that does not HTML-escape, a `namespace` that refuses underscore names), so prompts equal
-`apply_chat_template`'s. Templates and message contents cannot reach Python internals: the
-sandbox refuses `__class__`, `__globals__`, ... with a `SecurityError`, reported as a TemplateError.
+`apply_chat_template`'s. Templates cannot reach Python internals: the sandbox refuses
+`__class__`, `__globals__`, ... with a `SecurityError` (where jinja would render them as nothing),
+reported as a TemplateError; message contents are data, never evaluated.
 
 TGI's source rewrites, for what jinja2 needs of them: `{% generation %}` / `{% endgeneration %}`
 are removed, and gemma3's `messages[0]['content'][0]['text']` becomes `messages[0]['content']`
@@ -103,11 +104,19 @@ def rewrite_source(source: str) -> str:
     return _GENERATION_TAG.sub("", source.replace(_GEMMA3, "messages[0]['content']"))
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja's sandbox makes an unsafe attribute (`__class__`, `__globals__`, ...) an undefined
+    value that renders as nothing; here it is refused at once, so an attempt is a 422."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

@@ -1,0 +1,118 @@
+"""The peers `genserve bench --compare` runs side by side, all on SmolLM2-135M-Instruct:
+
+| name            | server                                                      | weights            |
+|-----------------|-------------------------------------------------------------|--------------------|
+| genserve-bf16   | `genserve launch --dtype bfloat16` (TGI API)                | Q4_1 -> bf16       |
+| genserve-fp32   | `genserve launch --dtype float32` (TGI API)                 | Q4_1 -> fp32       |
+| llama.cpp-f16   | `llama-server --parallel 64` (OpenAI completions, ignore_eos) | F16 GGUF converted |
+|                 |                                                             | from the same HF dir |
+| llama.cpp-q4_1  | same server                                                 | the original Q4_1  |
+| transformers    | `transformers serve --device cpu --dtype float32` (OpenAI   | the same HF dir    |
+|                 | completions; fixed lengths via `generation_config`)         |                    |
+
+genserve has no way to ignore EOS over TGI's HTTP API, so its requests ask for `max_new_tokens`
+and may end early; the report shows requested vs produced tokens per run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from genserve.bench import llamacpp
+from genserve.bench.choices import PEERS
+from genserve.bench.servers import ServerSpec
+
+LLAMA_PARALLEL = 64
+LLAMA_CTX_PER_SLOT = 2048
+THREADS = "2"
+
+
+def genserve_spec(
+    dtype: str, model_id: str | None = None, extra: list[str] | None = None, name: str = ""
+) -> ServerSpec:
+    short = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+
+    def argv(port: int) -> list[str]:
+        cmd = [sys.executable, "-m", "genserve.cli", "launch", "--hostname", "127.0.0.1"]
+        cmd += ["--port", str(port), "--dtype", dtype, "--graceful-termination-timeout", "5"]
+        if model_id:
+            cmd += ["--model-id", model_id]
+        return cmd + list(extra or [])
+
+    return ServerSpec(
+        name=name or f"genserve-{short}",
+        description=f"genserve launch --dtype {dtype} (TGI /generate_stream, max_new_tokens only)",
+        api="tgi",
+        fixed_length="none",
+        argv=argv,
+    )
+
+
+def llama_cpp_spec(name: str, binary: Path, gguf: Path | None, why: str | None) -> ServerSpec:
+    def argv(port: int) -> list[str]:
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--parallel", str(LLAMA_PARALLEL), "--cont-batching", "--kv-unified"]
+        cmd += ["--ctx-size", str(LLAMA_PARALLEL * LLAMA_CTX_PER_SLOT)]
+        return cmd + ["--threads", THREADS, "--threads-batch", THREADS, "--no-webui"]
+
+    kind = gguf.name if gguf else "?"
+    return ServerSpec(
+        name=name,
+        description=f"llama-server --parallel {LLAMA_PARALLEL} on {kind} "
+        "(OpenAI /v1/completions, ignore_eos)",
+        api="openai-completions",
+        fixed_length="ignore_eos",
+        argv=argv,
+        model="smollm2",
+        unavailable=why,
+    )
+
+
+def transformers_spec(hf_dir: Path, dtype: str = "float32") -> ServerSpec:
+    def argv(port: int) -> list[str]:
+        cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+        cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        return cmd + ["--dtype", dtype, str(hf_dir)]
+
+    return ServerSpec(
+        name="transformers",
+        description=f"transformers serve --device cpu --dtype {dtype} (its own server; "
+        "OpenAI /v1/completions, min_new_tokens via generation_config)",
+        api="openai-completions",
+        fixed_length="hf-generation-config",
+        argv=argv,
+        model=str(hf_dir),
+    )
+
+
+def peer_specs(names: list[str], cache: Path) -> list[ServerSpec]:
+    """ServerSpecs for `names`; a peer that cannot run here carries the reason."""
+    from genserve.models.default_model import default_model_dir
+
+    hf_dir = default_model_dir()
+    binary = llamacpp.llama_server_path(cache)
+    no_build = None if binary.exists() else "llama-server not built (use --build-peers)"
+    specs = []
+    for name in names:
+        if name == "genserve-bf16":
+            specs.append(genserve_spec("bfloat16"))
+        elif name == "genserve-fp32":
+            specs.append(genserve_spec("float32"))
+        elif name == "llama.cpp-f16":
+            gguf, why = _converted(cache, hf_dir)
+            specs.append(llama_cpp_spec(name, binary, gguf, no_build or why))
+        elif name == "llama.cpp-q4_1":
+            specs.append(llama_cpp_spec(name, binary, llamacpp.q4_1_gguf(), no_build))
+        elif name == "transformers":
+            specs.append(transformers_spec(hf_dir))
+        else:
+            raise ValueError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
+    return specs
+
+
+def _converted(cache: Path, hf_dir: Path) -> tuple[Path | None, str | None]:
+    try:
+        return llamacpp.f16_gguf(cache, hf_dir), None
+    except Exception as exc:  # reported in the table, the other peers still run
+        return None, f"F16 GGUF conversion failed: {exc}"

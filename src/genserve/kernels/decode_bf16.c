@@ -1,0 +1,248 @@
+/* Fused bf16 decode for the Llama family on CPUs with AVX512-BF16.
+ *
+ * A decode step is bound by reading the weights once. PyTorch spends as much time again on ~40
+ * small ops per layer (norms, rotary, cache writes, masks). Here one call runs a whole decoder
+ * layer for T single-token rows inside one OpenMP parallel region: every matrix is streamed once
+ * in contiguous row bands per thread, multiplied with all T rows while in L1 (vdpbf16ps, fp32
+ * accumulation), and the small ops run between barriers.
+ *
+ * Rounding follows the PyTorch bf16 path (and transformers): every op's result is rounded to
+ * bf16 where PyTorch would store a bf16 tensor; accumulation is fp32.
+ *
+ * Built with -fopenmp against the libgomp PyTorch has already loaded (same soname), so it shares
+ * PyTorch's thread pool instead of starting a second one.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+#define ROWS 4  /* rows of W per register block */
+#define MCHUNK 4 /* rows of X per register block */
+
+static inline float bf2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch */
+    return (bf16)(u >> 16);
+}
+
+static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
+
+static inline __m512bh load_bh(const bf16 *p, __mmask32 mask) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+/* ------------------------------------------------------------------------------------ GEMM */
+
+enum { OUT_BF16 = 0, OUT_F32 = 1, OUT_ADD_BF16 = 2 };
+
+/* Y[m, n] (op)= X[m, :] . W[n, :] (+ bias[n]) for rows n in [n0, n1) and all M rows of X.
+ * OUT_ADD_BF16: Y = bf16(Y + bf16(dot)), the residual add of the PyTorch path. */
+static void gemm_band(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
+                      int M, int K, int n0, int n1, int mode) {
+    const int full = K / 32, tail = K % 32;
+    const __mmask32 tmask = (__mmask32)((1ull << tail) - 1);
+    for (int n = n0; n < n1; n += ROWS) {
+        const int rows = (n1 - n) < ROWS ? (n1 - n) : ROWS;
+        if (n + ROWS * 8 < n1) _mm_prefetch((const char *)(W + (int64_t)(n + ROWS * 8) * K), _MM_HINT_T0);
+        for (int m0 = 0; m0 < M; m0 += MCHUNK) {
+            const int ms = (M - m0) < MCHUNK ? (M - m0) : MCHUNK;
+            __m512 acc[ROWS][MCHUNK];
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < MCHUNK; j++) acc[r][j] = _mm512_setzero_ps();
+            const int chunks = full + (tail ? 1 : 0);
+            for (int c = 0; c < chunks; c++) {
+                const __mmask32 mask = c < full ? (__mmask32)0xffffffffu : tmask;
+                const int k = c * 32;
+                __m512bh xv[MCHUNK];
+                for (int j = 0; j < ms; j++) xv[j] = load_bh(X + (int64_t)(m0 + j) * ldx + k, mask);
+                for (int r = 0; r < rows; r++) {
+                    const __m512bh wv = load_bh(W + (int64_t)(n + r) * K + k, mask);
+                    for (int j = 0; j < ms; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const float b = bias ? bf2f(bias[n + r]) : 0.0f;
+                for (int j = 0; j < ms; j++) {
+                    const float v = _mm512_reduce_add_ps(acc[r][j]) + b;
+                    const int64_t at = (int64_t)(m0 + j) * ldy + n + r;
+                    if (mode == OUT_F32) ((float *)Y)[at] = v;
+                    else if (mode == OUT_BF16) ((bf16 *)Y)[at] = f2bf(v);
+                    else ((bf16 *)Y)[at] = f2bf(bf2f(((bf16 *)Y)[at]) + rbf(v));
+                }
+            }
+        }
+    }
+}
+
+/* Inside a parallel region: split N rows into ROWS-aligned bands, one per thread (no barrier). */
+static void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
+                     int M, int N, int K, int mode) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int blocks = (N + ROWS - 1) / ROWS;
+    const int per = (blocks + nt - 1) / nt;
+    const int b0 = t * per, b1 = (b0 + per) < blocks ? (b0 + per) : blocks;
+    if (b0 >= b1) return;
+    const int n1 = b1 * ROWS < N ? b1 * ROWS : N;
+    gemm_band(W, bias, X, ldx, Y, ldy, M, K, b0 * ROWS, n1, mode);
+}
+
+/* Y = X W^T (+ bias): X [M, K] bf16 (row stride ldx), W [N, K] bf16, Y fp32 or bf16 [M, ldy]. */
+void genserve_gemm_bf16(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
+                        int M, int N, int K, int out_f32) {
+#pragma omp parallel
+    gemm_omp(W, bias, X, ldx, Y, ldy, M, N, K, out_f32 ? OUT_F32 : OUT_BF16);
+}
+
+/* -------------------------------------------------------------------------------- small ops */
+
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), the transformers RMSNorm in bf16 */
+static void rmsnorm_row(const bf16 *x, const bf16 *w, bf16 *out, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float v = bf2f(x[i]);
+        ss += v * v;
+    }
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = f2bf(bf2f(w[i]) * rbf(bf2f(x[i]) * inv));
+}
+
+/* rotate-half rotary in fp32, rounded once: x: [D] in place; cs: [D] = cos(half) | sin(half) */
+static void rope_head(bf16 *x, const float *cs, int d) {
+    const int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        const float x1 = bf2f(x[i]), x2 = bf2f(x[i + h]);
+        const float c = cs[i], s = cs[h + i];
+        x[i] = f2bf(x1 * c - x2 * s);
+        x[i + h] = f2bf(x2 * c + x1 * s);
+    }
+}
+
+static float dot_bf16(const bf16 *a, const bf16 *b, int d) {
+    __m512 acc = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= d; k += 32) acc = _mm512_dpbf16_ps(acc, load_bh(a + k, ~0u), load_bh(b + k, ~0u));
+    if (k < d) {
+        const __mmask32 m = (__mmask32)((1ull << (d - k)) - 1);
+        acc = _mm512_dpbf16_ps(acc, load_bh(a + k, m), load_bh(b + k, m));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+typedef struct {
+    const bf16 *k_cache, *v_cache; /* [slots, KVH, D] */
+    const int64_t *block_tables;   /* [T, max_blocks] */
+    const int64_t *context_lens;   /* [T] */
+    int max_blocks, block_size, num_heads, num_kv_heads, head_dim;
+    float scale;
+} AttnArgs;
+
+/* one (row, head): softmax(q . K^T * scale) V over the row's context, fp32, rounded once */
+static void attend(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores, int t, int h) {
+    const int kvh = h / (a->num_heads / a->num_kv_heads), d = a->head_dim, bs = a->block_size;
+    const int64_t len = a->context_lens[t];
+    const int64_t *table = a->block_tables + (int64_t)t * a->max_blocks;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+        const int64_t slot = table[j / bs] * bs + j % bs;
+        const float s = dot_bf16(q, a->k_cache + (slot * a->num_kv_heads + kvh) * d, d) * a->scale;
+        scores[j] = s;
+        mx = s > mx ? s : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    float acc[256];
+    for (int i = 0; i < d; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        const int64_t slot = table[j / bs] * bs + j % bs;
+        const bf16 *v = a->v_cache + (slot * a->num_kv_heads + kvh) * d;
+        const float p = scores[j];
+        for (int i = 0; i < d; i++) acc[i] += p * bf2f(v[i]);
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < d; i++) out[i] = f2bf(acc[i] * inv);
+}
+
+/* ----------------------------------------------------------------------------- the layer */
+
+typedef struct {
+    const bf16 *ln1, *qkv, *qkv_bias, *o, *ln2, *gate_up, *down, *q_norm, *k_norm;
+    int hidden, num_heads, num_kv_heads, head_dim, inter;
+    float eps;
+} LayerWeights;
+
+typedef struct {
+    bf16 *h;      /* [T, hidden] normed input */
+    bf16 *qkv;    /* [T, (H + 2 KVH) D] */
+    bf16 *attn;   /* [T, H D] */
+    bf16 *gu;     /* [T, 2 I] */
+    bf16 *act;    /* [T, I] */
+    float *scores; /* [T * H, max_context] */
+    int64_t max_context;
+} Scratch;
+
+void genserve_decode_layer_bf16(const LayerWeights *w, bf16 *x, int T, const float *cos_sin,
+                                bf16 *k_cache, bf16 *v_cache, const int64_t *slot_mapping,
+                                const int64_t *block_tables, int max_blocks,
+                                const int64_t *context_lens, int block_size, const Scratch *s) {
+    const int H = w->num_heads, KVH = w->num_kv_heads, D = w->head_dim, hid = w->hidden;
+    const int qkv_n = (H + 2 * KVH) * D, I = w->inter;
+    const AttnArgs aa = {k_cache, v_cache, block_tables, context_lens, max_blocks, block_size,
+                         H, KVH, D, 1.0f / sqrtf((float)D)};
+#pragma omp parallel
+    {
+#pragma omp for
+        for (int t = 0; t < T; t++) rmsnorm_row(x + (int64_t)t * hid, w->ln1, s->h + (int64_t)t * hid, hid, w->eps);
+        gemm_omp(w->qkv, w->qkv_bias, s->h, hid, s->qkv, qkv_n, T, qkv_n, hid, OUT_BF16);
+#pragma omp barrier
+        /* q/k norm (Qwen3), rotary, then K/V into the paged cache */
+#pragma omp for
+        for (int i = 0; i < T * (H + KVH); i++) {
+            const int t = i / (H + KVH), hd = i % (H + KVH);
+            bf16 *head = s->qkv + (int64_t)t * qkv_n + (int64_t)hd * D;
+            const bf16 *norm = hd < H ? w->q_norm : w->k_norm;
+            if (norm) rmsnorm_row(head, norm, head, D, w->eps);
+            rope_head(head, cos_sin + (int64_t)t * D, D);
+            if (hd >= H) {
+                const int64_t slot = slot_mapping[t];
+                const int kv = hd - H;
+                memcpy(k_cache + (slot * KVH + kv) * D, head, D * sizeof(bf16));
+                memcpy(v_cache + (slot * KVH + kv) * D, head + (int64_t)KVH * D, D * sizeof(bf16));
+            }
+        }
+#pragma omp for
+        for (int i = 0; i < T * H; i++) {
+            const int t = i / H, h = i % H;
+            attend(&aa, s->qkv + (int64_t)t * qkv_n + (int64_t)h * D, s->attn + (int64_t)t * H * D + (int64_t)h * D,
+                   s->scores + (int64_t)i * s->max_context, t, h);
+        }
+        gemm_omp(w->o, NULL, s->attn, H * D, x, hid, T, hid, H * D, OUT_ADD_BF16);
+#pragma omp barrier
+#pragma omp for
+        for (int t = 0; t < T; t++) rmsnorm_row(x + (int64_t)t * hid, w->ln2, s->h + (int64_t)t * hid, hid, w->eps);
+        gemm_omp(w->gate_up, NULL, s->h, hid, s->gu, 2 * I, T, 2 * I, hid, OUT_BF16);
+#pragma omp barrier
+#pragma omp for
+        for (int64_t i = 0; i < (int64_t)T * I; i++) {
+            const int64_t t = i / I, j = i % I;
+            const float g = bf2f(s->gu[t * 2 * I + j]), u = bf2f(s->gu[t * 2 * I + I + j]);
+            s->act[i] = f2bf(rbf(g / (1.0f + expf(-g))) * u);
+        }
+        gemm_omp(w->down, NULL, s->act, I, x, hid, T, hid, I, OUT_ADD_BF16);
+    }
+}

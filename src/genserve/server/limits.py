@@ -1,0 +1,158 @@
+"""Hard limits on what a client may send, answered with a clear 4xx before any route runs.
+
+- URL longer than `MAX_URL_BYTES` -> 414; request head (all header lines) larger than
+  `MAX_HEADER_BYTES` -> 431. Heads too large for the HTTP parser itself also get 431.
+- A request head that does not arrive within the read timeout (slowloris) -> 408 and the
+  connection is closed; so does a body that is not complete within it (408 JSON error).
+- Idle keep-alive connections are closed by uvicorn's `timeout_keep_alive`.
+
+The body size limit (413) is `--payload-limit`, applied where the body is read (`body.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from genserve.server.errors import RequestBodyError
+
+logger = logging.getLogger(__name__)
+
+MAX_URL_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+# what the HTTP parser buffers for one request head before it gives up (then: 431)
+MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_READ_TIMEOUT_S = 30.0
+
+REASONS = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+def error_json(message: str, error_type: str = "validation") -> bytes:
+    return json.dumps({"error": message, "error_type": error_type}).encode()
+
+
+async def send_error(send: Send, status: int, message: str, error_type: str = "validation") -> None:
+    body = error_json(message, error_type)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLimitsMiddleware:
+    """414 / 431 on oversized URLs and heads; 408 when the body is not in by the deadline."""
+
+    def __init__(self, app: ASGIApp, read_timeout: float = DEFAULT_READ_TIMEOUT_S) -> None:
+        self.app = app
+        self.read_timeout = read_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        url = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if url > MAX_URL_BYTES:
+            await send_error(send, 414, f"URI Too Long: at most {MAX_URL_BYTES} bytes")
+            return
+        head = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+        if head > MAX_HEADER_BYTES:
+            message = f"Request Header Fields Too Large: at most {MAX_HEADER_BYTES} bytes"
+            await send_error(send, 431, message)
+            return
+        await self.app(scope, _deadline_receive(receive, self.read_timeout), send)
+
+
+def _deadline_receive(receive: Receive, timeout: float) -> Receive:
+    """`receive` that raises a 408 if the body is not complete `timeout` s after the request
+    started. Once the body is in, it waits freely (that is the disconnect watch)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    body_done = False
+
+    async def wrapped() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                message = await receive()
+        except TimeoutError:
+            raise RequestBodyError(408, "Request body not received in time") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            body_done = True
+        return message
+
+    return wrapped
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head (uvicorn has none: a
+    client that sends half a head would hold its connection forever) and 431, not a bare 400,
+    for heads over the parser's limit. `read_timeout` is set by `protocol_class()`."""
+
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before:  # a whole head arrived: the route's own limits apply now
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        before = self.cycle
+        self._arm()  # the next head has the same deadline (keep-alive idle is uvicorn's)
+        super().on_response_complete()
+        if self.cycle is not before:
+            self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        if len(self.conn.trailing_data[0]) > MAX_HEAD_BYTES:
+            self._reply_and_close(431, f"Request head larger than {MAX_HEAD_BYTES} bytes")
+        else:
+            super().send_400_response(msg)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.read_timeout, self._head_timeout)
+
+    def _disarm(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:  # a partial head: tell the client why
+            self._reply_and_close(408, "Request head not received in time")
+        else:  # nothing at all (an idle connection): just close it
+            self.transport.close()
+
+    def _reply_and_close(self, status: int, message: str) -> None:
+        body = error_json(message)
+        head = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        logger.info("closing a connection: %s", message)
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def protocol_class(read_timeout: float) -> type[TimedH11Protocol]:
+    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout": read_timeout})
