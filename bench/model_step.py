@@ -113,10 +113,7 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model_id)
     bw = copy_bandwidth()
     print(f"model {model_dir.name}, {args.threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s")
-    header = (
-        f"{'dtype':9} {'engine':13} {'decode tok/s':>12} {'prefill tok/s':>14} "
-        f"{'roofline':>9}"
-    )
+    header = f"{'dtype':9} {'engine':13} {'decode tok/s':>12} {'prefill tok/s':>14} {'roofline':>9}"
     print(header)
     print("-" * len(header))
     for dtype in (torch.bfloat16, torch.float32):

@@ -4,5 +4,13 @@ from __future__ import annotations
 
 APIS = ("tgi", "openai-completions", "openai-chat")
 FIXED_LENGTH_MODES = ("ignore_eos", "hf-generation-config", "none")
-WORKLOADS = ("single", "sweep", "shared-prefix", "overload", "cold-start")
-PEERS = ("genserve-bf16", "genserve-fp32", "llama.cpp-f16", "llama.cpp-q4_1", "transformers")
+# in the order they run: the heaviest loads last, so a slow peer's backlog disturbs least
+WORKLOADS = ("single", "shared-prefix", "sweep", "overload", "cold-start")
+PEERS = (
+    "genserve-bf16",
+    "genserve-fp32",
+    "llama.cpp-f16",
+    "llama.cpp-q4_1",
+    "transformers",
+    "transformers-cb",
+)

@@ -34,8 +34,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--quick", action="store_true", help="a few seconds against --model-id (CI)")
     p.add_argument("--api", choices=APIS, default="tgi", help="API of --url")
     p.add_argument("--model", default="tgi", help="OpenAI `model` field for --url")
-    p.add_argument("--fixed-length", choices=FIXED_LENGTH_MODES, default=None,
-                   help="how to ask --url for exact output lengths (default: ignore_eos for OpenAI APIs, none for TGI)")  # fmt: skip
+    p.add_argument(
+        "--fixed-length",
+        choices=FIXED_LENGTH_MODES,
+        default=None,
+        help="how --url is asked for exact output lengths (default: ignore_eos, none for TGI)",
+    )
     p.add_argument("--workload", default=None, help=f"comma-separated: {', '.join(WORKLOADS)}")
     p.add_argument("--concurrency", default=None, help="custom closed-loop run(s), e.g. 1,8")
     p.add_argument(
@@ -74,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genserve bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="genserve bench", description=__doc__, formatter_class=raw
+    )
     add_bench_arguments(parser)
     return run(parser.parse_args(argv))
 

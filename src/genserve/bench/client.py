@@ -1,4 +1,4 @@
-"""Streaming HTTP clients: TGI `/generate_stream` and OpenAI `/v1/completions`, `/v1/chat/completions`.
+"""Streaming HTTP clients: TGI `/generate_stream`, OpenAI `/v1/completions` and chat completions.
 
 Each request records when its chunks arrived (client clock, `time.perf_counter`), how many output
 tokens the server says it produced, and an error type when it failed. Token counts come from the

@@ -41,8 +41,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.compare or len(names) > 1:
         print()
         print(report.compare_table(rows, names))
-    meta = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "workloads": workloads,
-            "tokenizer": str(tok) if tok else None, "exact_prompt_lengths": builder_for(0).exact}  # fmt: skip
+    meta = {
+        "args": vars(args),
+        "workloads": workloads,
+        "tokenizer": str(tok) if tok else None,
+        "exact_prompt_lengths": builder_for(0).exact,
+    }
     if args.json:
         report.write_json(args.json, rows, servers, meta)
         logger.info("wrote %s", args.json)

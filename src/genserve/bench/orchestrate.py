@@ -21,7 +21,7 @@ from genserve.bench.metrics import summarize
 from genserve.bench.prompts import PromptBuilder
 from genserve.bench.runner import Progress, run_load
 from genserve.bench.servers import ServerProcess, ServerSpec, measure_cold_start, probe
-from genserve.bench.workloads import RunPlan, Scale, plans
+from genserve.bench.workloads import WORKLOADS, RunPlan, Scale, plans
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ class BenchConfig:
 
 
 def load_plans(cfg: BenchConfig) -> list[RunPlan]:
-    out = [
-        p for w in cfg.workloads if w != "cold-start" for p in plans(w, cfg.builder_for, cfg.scale)
-    ]
+    names = sorted((w for w in cfg.workloads if w != "cold-start"), key=WORKLOADS.index)
+    out = [p for w in names for p in plans(w, cfg.builder_for, cfg.scale)]
     return out + list(cfg.extra_plans or [])
 
 
@@ -131,7 +130,7 @@ async def run_plans(name: str, target: Target, todo: list[RunPlan], progress: bo
     return rows
 
 
-async def _wait_alive(target: Target, timeout_s: float = 120.0) -> None:
+async def _wait_alive(target: Target, timeout_s: float = 300.0) -> None:
     """After an overload or a cut-off run, wait until the server answers again."""
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:

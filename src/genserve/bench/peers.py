@@ -1,14 +1,12 @@
 """The peers `genserve bench --compare` runs side by side, all on SmolLM2-135M-Instruct:
 
-| name            | server                                                      | weights            |
-|-----------------|-------------------------------------------------------------|--------------------|
-| genserve-bf16   | `genserve launch --dtype bfloat16` (TGI API)                | Q4_1 -> bf16       |
-| genserve-fp32   | `genserve launch --dtype float32` (TGI API)                 | Q4_1 -> fp32       |
-| llama.cpp-f16   | `llama-server --parallel 64` (OpenAI completions, ignore_eos) | F16 GGUF converted |
-|                 |                                                             | from the same HF dir |
-| llama.cpp-q4_1  | same server                                                 | the original Q4_1  |
-| transformers    | `transformers serve --device cpu --dtype float32` (OpenAI   | the same HF dir    |
-|                 | completions; fixed lengths via `generation_config`)         |                    |
+- genserve-bf16 / genserve-fp32: `genserve launch --dtype ...` (TGI API), the Q4_1 GGUF
+  dequantized by genserve into an HF directory;
+- llama.cpp-f16: `llama-server --parallel 64` (OpenAI completions with `ignore_eos`) on an F16
+  GGUF converted by llama.cpp from that same HF directory;
+- llama.cpp-q4_1: the same server on the original Q4_1 GGUF;
+- transformers / transformers-cb: `transformers serve --device cpu --dtype float32` on the HF
+  directory, without and with `--continuous-batching` (fixed lengths via `generation_config`).
 
 genserve has no way to ignore EOS over TGI's HTTP API, so its requests ask for `max_new_tokens`
 and may end early; the report shows requested vs produced tokens per run.
@@ -69,16 +67,18 @@ def llama_cpp_spec(name: str, binary: Path, gguf: Path | None, why: str | None) 
     )
 
 
-def transformers_spec(hf_dir: Path, dtype: str = "float32") -> ServerSpec:
+def transformers_spec(hf_dir: Path, dtype: str = "float32", cb: bool = False) -> ServerSpec:
+    flag = ["--continuous-batching"] if cb else []
+
     def argv(port: int) -> list[str]:
         cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
         cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-        return cmd + ["--dtype", dtype, str(hf_dir)]
+        return cmd + ["--dtype", dtype, *flag, str(hf_dir)]
 
     return ServerSpec(
-        name="transformers",
-        description=f"transformers serve --device cpu --dtype {dtype} (its own server; "
-        "OpenAI /v1/completions, min_new_tokens via generation_config)",
+        name="transformers-cb" if cb else "transformers",
+        description=f"transformers serve --device cpu --dtype {dtype} {' '.join(flag)}(its own "
+        "server; OpenAI /v1/completions, min_new_tokens via generation_config)",
         api="openai-completions",
         fixed_length="hf-generation-config",
         argv=argv,
@@ -104,8 +104,8 @@ def peer_specs(names: list[str], cache: Path) -> list[ServerSpec]:
             specs.append(llama_cpp_spec(name, binary, gguf, no_build or why))
         elif name == "llama.cpp-q4_1":
             specs.append(llama_cpp_spec(name, binary, llamacpp.q4_1_gguf(), no_build))
-        elif name == "transformers":
-            specs.append(transformers_spec(hf_dir))
+        elif name in ("transformers", "transformers-cb"):
+            specs.append(transformers_spec(hf_dir, cb=name.endswith("-cb")))
         else:
             raise ValueError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
     return specs

@@ -132,8 +132,8 @@ def shared_prefix_specs(
     *,
     shared: bool,
 ) -> list[RequestSpec]:
-    """`n` prompts: one `prefix_len`-token system prompt (or a different one per request when
-    `shared` is false, the no-cache control) followed by a distinct `question_len`-token question."""
+    """`n` prompts: one `prefix_len`-token system prompt (a different one per request when
+    `shared` is false: the no-cache control), then a distinct `question_len`-token question."""
     head = "You are a helpful assistant. Read the notes below, then answer.\n"
     prefix = builder.text(prefix_len, lead=head)
     specs = []

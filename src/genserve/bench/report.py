@@ -28,6 +28,7 @@ COMPARE_METRICS: dict[str, list[tuple[str, Callable[[Row], Any], bool | None]]] 
         _pct("ttft_ms", "p50", "TTFT p50 ms"),
         _pct("itl_ms", "p50", "ITL p50 ms"),
         _pct("itl_ms", "p99", "ITL p99 ms"),
+        _pct("tpot_ms", "mean", "TPOT mean ms"),
         _pct("e2e_ms", "p50", "E2E p50 ms"),
         _OUTLEN,
     ],
@@ -38,6 +39,7 @@ COMPARE_METRICS: dict[str, list[tuple[str, Callable[[Row], Any], bool | None]]] 
         _pct("ttft_ms", "p99", "TTFT p99 ms"),
         _pct("itl_ms", "p50", "ITL p50 ms"),
         _pct("itl_ms", "p99", "ITL p99 ms"),
+        _pct("tpot_ms", "mean", "TPOT mean ms"),
         _OUTLEN,
     ],
     "shared-prefix": [
@@ -46,7 +48,7 @@ COMPARE_METRICS: dict[str, list[tuple[str, Callable[[Row], Any], bool | None]]] 
         _TOKS,
     ],
     "overload": [
-        ("completed", lambda r: r.get("completed"), True),
+        ("completed", lambda r: r.get("completed"), None),
         ("errors", lambda r: _errors(r), None),
         _TOKS,
         _pct("ttft_ms", "p99", "TTFT p99 ms"),

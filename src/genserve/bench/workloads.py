@@ -1,15 +1,12 @@
 """Named, reproducible workloads. Every request is greedy; prompts are seeded (see `prompts`).
 
-| workload      | load                                   | prompts                                            |
-|---------------|----------------------------------------|----------------------------------------------------|
-| single        | 1 client, 8 requests                   | 128 in / 128 out                                   |
-| sweep         | closed loop at 1, 4, 16, 32, 64 clients | ShareGPT-like lengths, max(8, 4c) requests a point |
-| shared-prefix | 16 clients, 32 requests, run twice     | one 1,000-token system prompt + distinct 32-token  |
-|               |                                        | questions, 32 out; control: a different prefix per |
-|               |                                        | request (so TTFT shared / unique = cache effect)   |
-| overload      | 500 clients at once, one request each  | 32 in / 32 out, against the server's own cap       |
-| cold-start    | process start -> first successful      | 8 in / 1 out, polled every 50 ms; median of 3      |
-|               | response (needs a server we launch)    |                                                    |
+- single: 1 client, 8 requests of 128 in / 128 out.
+- sweep: closed loop at 1, 4, 16, 32, 64 clients; ShareGPT-like lengths; max(8, 4c) requests.
+- shared-prefix: 16 clients, 32 requests of one 1,000-token system prompt + a distinct
+  32-token question, 32 out (`shared`), and the control with a different prefix per request
+  (`unique`), so TTFT shared / unique shows the prefix cache.
+- overload: 500 clients at once, one 32 in / 32 out request each, against the server's own cap.
+- cold-start: process start -> first successful response (`servers.measure_cold_start`).
 
 Each point is also bounded by `duration_s` (default 60 s; overload 120 s). `--quick` shrinks all of
 it to a few seconds for CI.

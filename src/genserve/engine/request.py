@@ -24,7 +24,7 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """TGI's values (`details.finish_reason`)."""
 
     LENGTH = "length"

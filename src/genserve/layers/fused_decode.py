@@ -90,9 +90,13 @@ class FusedDecode:
         lib = load_decode_bf16()
         return None if lib is None else FusedDecode(model, lib)
 
-    @staticmethod
-    def supports(ctx: ForwardContext) -> bool:
-        return not ctx.prefills and ctx.num_decode > 0
+    # Past this many rows the step is compute- rather than bandwidth-bound, and PyTorch's
+    # AMX matmuls beat the kernel's AVX512 dot products.
+    MAX_ROWS = 16
+
+    @classmethod
+    def supports(cls, ctx: ForwardContext) -> bool:
+        return not ctx.prefills and 0 < ctx.num_decode <= cls.MAX_ROWS
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext

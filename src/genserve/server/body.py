@@ -57,7 +57,7 @@ async def read_json_value(request: Request, limit: int) -> Any:
     body = await _read_json_bytes(request, limit)
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # too deep is malformed too
         raise RequestBodyError(400, f"Failed to parse the request body as JSON: {exc}") from None
 
 

@@ -128,12 +128,22 @@ def _probe(ok: bool, what: str) -> Response:
     return JSONResponse({"error": f"not {what}", "error_type": "healthcheck"}, status_code=503)
 
 
-@router.get("/live", summary="Liveness probe: the process is up", responses=PROBE_RESPONSES)
+@router.get(
+    "/live",
+    summary="Liveness probe: the process is up",
+    responses=PROBE_RESPONSES,
+    response_class=Response,
+)
 async def live(request: Request) -> Response:
     return _probe(request.app.state.lifecycle.live, "live")
 
 
-@router.get("/ready", summary="Readiness probe: able to take requests", responses=PROBE_RESPONSES)
+@router.get(
+    "/ready",
+    summary="Readiness probe: able to take requests",
+    responses=PROBE_RESPONSES,
+    response_class=Response,
+)
 async def ready(request: Request) -> Response:
     return _probe(request.app.state.lifecycle.ready, "ready")
 
@@ -179,6 +189,28 @@ class GracefulServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.lifecycle.begin_drain)
 
 
+def uvicorn_config(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    keep_alive_timeout: float = 5.0,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    **kwargs: Any,
+) -> uvicorn.Config:
+    """uvicorn with our slow-client and head-size limits (`limits.py`)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol_class(read_timeout),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_keep_alive=max(1, round(keep_alive_timeout)),
+        timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),
+        **kwargs,
+    )
+
+
 def serve(
     app: Any,
     host: str,
@@ -188,14 +220,12 @@ def serve(
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> None:
     """Run `app` (from `build_app`) until a signal has drained it."""
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
-        host=host,
-        port=port,
+        host,
+        port,
+        keep_alive_timeout=keep_alive_timeout,
+        read_timeout=read_timeout,
         log_config=None,
-        http=protocol_class(read_timeout),
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        timeout_keep_alive=int(keep_alive_timeout),
-        timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),
     )
     GracefulServer(config, app.state.lifecycle).run()

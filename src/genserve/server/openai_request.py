@@ -79,6 +79,8 @@ def extras_of(req: _Sampling, vocab_size: int) -> Extras:
     n = 1 if req.n is None else req.n
     if n < 1:
         raise ValidationError(f"`n` must be strictly positive. Given: {n}")
+    if req.top_p is not None and not 0.0 <= req.top_p <= 1.0:
+        raise ValidationError("`top_p` must be >= 0.0 and <= 1.0")
     presence = 0.0 if req.presence_penalty is None else req.presence_penalty
     if not -2.0 <= presence <= 2.0:
         raise ValidationError("`presence_penalty` must be >= -2.0 and <= 2.0")
@@ -111,7 +113,9 @@ def _content_text(msg: ChatMessage, index: int) -> str | None:
         return msg.content
     texts = []
     for part in msg.content:
-        if part.type == "text" and part.text is not None:
+        if part.type == "text":
+            if part.text is None:
+                raise ValidationError(f"messages[{index}]: a `text` part needs `text`")
             texts.append(part.text)
         elif part.type == "image_url":
             raise ValidationError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -19,9 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genserve.engine.request import TokenEvent
-from genserve.server.errors import IncompleteGenerationError, InferError, OverloadedError
+from genserve.server.errors import (
+    GenerationError,
+    IncompleteGenerationError,
+    InferError,
+    OverloadedError,
+)
 from genserve.server.generation import GenerationResult, GenerationService, Timing
 from genserve.server.validation import ValidRequest
+
+logger = logging.getLogger(__name__)
 
 
 class StopTrimmer:
@@ -126,6 +134,9 @@ async def _pump(service: GenerationService, choice: Choice, queue: asyncio.Queue
         queue.put_nowait((choice, service.fail(IncompleteGenerationError())))
     except InferError as err:
         queue.put_nowait((choice, err))
+    except Exception as exc:  # noqa: BLE001 - never leave `interleaved` waiting
+        logger.exception("engine request of choice %d failed", choice.index)
+        queue.put_nowait((choice, service.fail(GenerationError(f"{type(exc).__name__}: {exc}"))))
 
 
 async def interleaved(

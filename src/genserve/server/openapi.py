@@ -16,6 +16,7 @@ from genserve.server import protocol
 from genserve.server.settings import VERSION
 
 REF = "#/components/schemas/{model}"
+JSON = "application/json"
 
 SCHEMA_MODELS = (
     protocol.GenerateRequest,
@@ -52,28 +53,50 @@ def json_ref(description: str, name: str, array: bool = False) -> dict[str, Any]
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(content_type: str) -> dict[int | str, dict[str, Any]]:
-    def err(description: str, message: str, kind: str) -> dict[str, Any]:
-        example = {"error": message, "error_type": kind}
-        media = {"schema": ref("ErrorResponse"), "example": example}
-        return {"description": description, "content": {content_type: media}}
+def _err(description: str, message: str, kind: str, *content_types: str) -> dict[str, Any]:
+    example = {"error": message, "error_type": kind}
+    media = {"schema": ref("ErrorResponse"), "example": example}
+    return {"description": description, "content": {t: media for t in content_types}}
 
+
+def _errors(*content_types: str) -> dict[int | str, dict[str, Any]]:
     return {
-        422: err("Input validation error", "Input validation error", "validation"),
-        424: err("Generation Error", "Request failed during generation", "generation"),
-        429: err("Model is overloaded", "Model is overloaded", "overloaded"),
-        500: err("Incomplete generation", "Incomplete generation", "incomplete_generation"),
+        422: _err("Input validation error", "Input validation error", "validation", *content_types),
+        424: _err(
+            "Generation Error", "Request failed during generation", "generation", *content_types
+        ),
+        429: _err("Model is overloaded", "Model is overloaded", "overloaded", *content_types),
+        500: _err(
+            "Incomplete generation",
+            "Incomplete generation",
+            "incomplete_generation",
+            *content_types,
+        ),
     }
 
 
-ERROR_RESPONSES = _errors("application/json")
-STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "Generated Text",
-        "content": {"text/event-stream": {"schema": ref("StreamResponse")}},
-    },
-    **_errors("text/event-stream"),
+# answered before any route logic runs (body.py, lifecycle.py), always as JSON
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _err("Malformed JSON", "Failed to parse the request body as JSON", "validation", JSON),
+    413: _err("Payload too large", "length limit exceeded", "validation", JSON),
+    415: _err("Not JSON", "Expected `Content-Type: application/json`", "validation", JSON),
+    503: _err("Shutting down", "the server is shutting down", "unavailable", JSON),
 }
+ERROR_RESPONSES = {**_errors(JSON), **BODY_ERRORS}
+# a stream reports errors as SSE events over a 200 (TGI), so an event is either kind
+SSE_EVENTS = {"schema": {"oneOf": [ref("StreamResponse"), ref("ErrorResponse")]}}
+STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Generated Text", "content": {"text/event-stream": SSE_EVENTS}},
+    **_errors("text/event-stream", JSON),
+    **BODY_ERRORS,
+}
+
+
+def json_or_stream(description: str, name: str, array: bool = False) -> dict[str, Any]:
+    """A 200 that is JSON, or an SSE stream when the request asked for one."""
+    ok = json_ref(description, name, array)
+    ok["content"]["text/event-stream"] = SSE_EVENTS
+    return ok
 
 
 def _mode(model: type) -> Any:

@@ -20,7 +20,8 @@ FinishReasonStr = Literal["length", "eos_token", "stop_sequence"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # serde_json has no NaN/Infinity: a non-finite number is a body error, never a parameter
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class GrammarType(_Request):

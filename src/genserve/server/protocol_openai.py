@@ -24,7 +24,8 @@ LOGPROB_FLOOR = -9999.0
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # as serde_json: no NaN/Infinity (a body error, never a parameter)
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class FunctionCall(_Request):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI
 from pydantic.json_schema import models_json_schema
@@ -46,6 +47,8 @@ from genserve.server.streaming import (
 from genserve.tokenization import chat_template as ct
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 router = APIRouter(tags=["Text Generation Inference"])
 
@@ -130,16 +133,22 @@ def _headers(choices: list[Choice], compute_type: str, sums_only: bool) -> dict[
     return headers
 
 
-async def _respond(
-    request: Request, choices: list[Choice], permits: Permits, stream: Any, body: Any,
-    headers: Any,
-) -> Response:  # fmt: skip
-    """SSE when `stream` is a body iterator, else run to the end and answer `body()`."""
-    if stream is not None:
-        return SSEResponse(GuardedBody(stream, permits), headers=headers)
-    service = _service(request)
+async def _admitted(permits: Permits, work: Awaitable[T]) -> T:
+    """`work` (validation) with the permits held; they go back if it fails."""
     try:
-        await cancel_on_disconnect(request, run_to_end(service, choices))
+        return await work
+    except BaseException:
+        permits.release()
+        raise
+
+
+async def _json(
+    request: Request, choices: list[Choice], permits: Permits, body: Callable[[], Any],
+    headers: Callable[[], dict[str, str]],
+) -> Response:  # fmt: skip
+    """Every choice to its end (a client that leaves aborts them all), then `body()`."""
+    try:
+        await cancel_on_disconnect(request, run_to_end(_service(request), choices))
     except ClientDisconnected:
         return disconnected_response()
     finally:
@@ -150,7 +159,7 @@ async def _respond(
 # ------------------------------------------------------------------------------ chat
 
 
-async def prepare_chat(request: Request, req: ChatRequest, arrival: float) -> tuple[str, Any]:
+def prepare_chat(request: Request, req: ChatRequest) -> tuple[str, GenerateRequest]:
     """(prompt, GenerateRequest), or a 422 (template, tools, parameters)."""
     service = _service(request)
     try:
@@ -166,29 +175,25 @@ async def prepare_chat(request: Request, req: ChatRequest, arrival: float) -> tu
 async def chat(request: Request, req: ChatRequest, arrival: float) -> Response:
     service, settings = _service(request), _settings(request)
     service.metrics.request_count.inc()
-    prompt, gen_req = await prepare_chat(request, req, arrival)
+    prompt, gen_req = prepare_chat(request, req)
     try:
         extras = oreq.extras_of(req, _vocab_size(request))
     except InferError as err:
         raise service.fail(err) from None
     permits = Permits(service, extras.n).acquire()
-    try:
-        valid, timing = await oreq.validate(service, gen_req, False, arrival)
-    except BaseException:
-        permits.release()
-        raise
+    valid, timing = await _admitted(permits, oreq.validate(service, gen_req, False, arrival))
     variants = oreq.choices_of(valid, extras, req.seed is not None)
     choices = [new_choice(i, 0, v, timing) for i, v in enumerate(variants)]
-    meta = ResponseMeta("chatcmpl", response_model(req.model, settings.model_id),
-                        settings.docker_label)  # fmt: skip
+    service.metrics.request_count.inc(len(choices) - 1)  # one per engine request, as TGI
+    model = response_model(req.model, settings.model_id)
+    meta = ResponseMeta("chatcmpl", model, settings.docker_label)
     logprobs = bool(req.logprobs)
-    stream = None
     if req.stream:
         stream = chat_stream(service, meta, choices, logprobs, req.include_usage)
-        return await _respond(request, choices, permits, stream, None,
-                              stream_headers(prompt, settings.compute_type))  # fmt: skip
-    return await _respond(
-        request, choices, permits, None,
+        headers = stream_headers(prompt, settings.compute_type)
+        return SSEResponse(GuardedBody(stream, permits), headers=headers)
+    return await _json(
+        request, choices, permits,
         lambda: chat_body(meta, choices, logprobs),
         lambda: _headers(choices, settings.compute_type, sums_only=False),
     )  # fmt: skip
@@ -217,10 +222,9 @@ async def _invoke_chat(request: Request, obj: dict, arrival: float) -> Response:
     responses=ERROR_RESPONSES,
 )
 async def chat_tokenize(request: Request) -> Response:
-    arrival = time.perf_counter()
     req = await read_json(request, ChatRequest, _settings(request).payload_limit)
     _service(request).metrics.request_count.inc()
-    prompt, _ = await prepare_chat(request, req, arrival)
+    prompt, _ = prepare_chat(request, req)
     tokenizer = request.app.state.tokenizer
     enc = await asyncio.to_thread(tokenizer.encode_with_offsets, prompt, False)
     tokens = [
@@ -268,27 +272,23 @@ async def completion(request: Request, req: CompletionRequest, arrival: float) -
         repetition_penalty=req.repetition_penalty,
     )  # fmt: skip
     permits = Permits(service, extras.n * len(req.prompt)).acquire()
-    try:
-        validated = await asyncio.gather(*(
-            oreq.validate(service, GenerateRequest(inputs=p, parameters=params), True, arrival)
-            for p in req.prompt
-        ))  # fmt: skip
-    except BaseException:
-        permits.release()
-        raise
+    validated = await _admitted(permits, asyncio.gather(*(
+        oreq.validate(service, GenerateRequest(inputs=p, parameters=params), True, arrival)
+        for p in req.prompt
+    )))  # fmt: skip
     choices = [
         new_choice(p * extras.n + j, p, v, timing)
         for p, (valid, timing) in enumerate(validated)
         for j, v in enumerate(oreq.choices_of(valid, extras, req.seed is not None))
     ]
+    service.metrics.request_count.inc(len(choices) - 1)
     meta = ResponseMeta("cmpl", settings.model_id, settings.docker_label)
     if req.stream:
         stream = completion_stream(service, meta, choices, req.echo, want_lp, req.include_usage)
-        inputs = "".join(req.prompt)
-        return await _respond(request, choices, permits, stream, None,
-                              stream_headers(inputs, settings.compute_type))  # fmt: skip
-    return await _respond(
-        request, choices, permits, None,
+        headers = stream_headers("".join(req.prompt), settings.compute_type)
+        return SSEResponse(GuardedBody(stream, permits), headers=headers)
+    return await _json(
+        request, choices, permits,
         lambda: completion_body(meta, choices, req.echo, want_lp),
         lambda: _headers(choices, settings.compute_type, sums_only=True),
     )  # fmt: skip

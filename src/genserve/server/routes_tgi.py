@@ -12,10 +12,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from genserve.server.body import parse_obj, read_json, read_json_value
-from genserve.server.errors import InferError, RequestBodyError
+from genserve.server.errors import RequestBodyError
 from genserve.server.generation import GenerationService
 from genserve.server.metrics import CONTENT_TYPE
-from genserve.server.openapi import ERROR_RESPONSES, STREAM_ERROR_RESPONSES, body_ref, json_ref
+from genserve.server.openapi import (
+    ERROR_RESPONSES,
+    STREAM_ERROR_RESPONSES,
+    body_ref,
+    json_or_stream,
+    json_ref,
+)
 from genserve.server.protocol import (
     CompatGenerateRequest,
     GenerateParameters,
@@ -117,7 +123,10 @@ async def compat(request: Request, req: CompatGenerateRequest, arrival: float) -
     "/",
     summary="Generate tokens if `stream == false` or a stream of token if `stream == true`",
     openapi_extra=body_ref("CompatGenerateRequest"),
-    responses={200: json_ref("Generated Text", "GenerateResponse", array=True), **ERROR_RESPONSES},
+    responses={
+        200: json_or_stream("Generated Text", "GenerateResponse", array=True),
+        **ERROR_RESPONSES,
+    },
 )
 async def compat_generate(request: Request) -> Response:
     arrival = time.perf_counter()
@@ -125,11 +134,18 @@ async def compat_generate(request: Request) -> Response:
     return await compat(request, req, arrival)
 
 
+# generate, chat or completions JSON, or any of their streams
+INVOCATION_OK = {
+    "description": "Generated",
+    "content": {"application/json": {}, "text/event-stream": {}},
+}
+
+
 @router.post(
     "/invocations",
     summary="Generate tokens from Sagemaker request",
     openapi_extra=body_ref("CompatGenerateRequest"),
-    responses=ERROR_RESPONSES,
+    responses={200: INVOCATION_OK, **ERROR_RESPONSES},
 )
 async def invocations(request: Request) -> Response:
     """An untagged union tried in TGI's order: generate (`inputs`), then the branches other
@@ -167,9 +183,7 @@ async def vertex(request: Request) -> Response:
         predictions = await cancel_on_disconnect(request, work)
     except ClientDisconnected:
         return disconnected_response()
-    except InferError:
-        body = {"error": "Incomplete generation", "error_type": "Incomplete generation"}
-        return JSONResponse(body, status_code=500)
+    # an instance's error (a 422 for a bad instance, 429, 424) is the answer: never a 500
     return JSONResponse(VertexResponse(predictions=list(predictions)).model_dump())
 
 
@@ -193,7 +207,7 @@ async def _vertex_one(request: Request, inst: Any, arrival: float) -> str:
     "/tokenize",
     summary="Tokenize inputs",
     openapi_extra=body_ref("GenerateRequest"),
-    responses={200: json_ref("Tokenized ids", "TokenizeResponse")},
+    responses={200: json_ref("Tokenized ids", "TokenizeResponse"), **ERROR_RESPONSES},
 )
 async def tokenize(request: Request) -> Response:
     """`truncate` is ignored, as in TGI; `start`/`stop` are byte offsets."""
@@ -244,7 +258,9 @@ async def _health(request: Request) -> Response:
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
 
 
-@router.get("/health", summary="Health check method", responses=HEALTH_RESPONSES)
+@router.get(
+    "/health", summary="Health check method", responses=HEALTH_RESPONSES, response_class=Response
+)
 async def health(request: Request) -> Response:
     return await _health(request)
 

@@ -123,17 +123,17 @@ class Validator:
         if best_of > 1 and not sampling:
             raise ValidationError("you must use sampling when `best_of` is > 1")
         temperature = 1.0 if p.temperature is None else p.temperature
-        if temperature <= 0.0:
+        if not temperature > 0.0:  # `not >` also rejects NaN
             raise ValidationError("`temperature` must be strictly positive")
         repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
-        if repetition_penalty <= 0.0:
+        if not repetition_penalty > 0.0:
             raise ValidationError("`repetition_penalty` must be strictly positive")
         frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
         if not -2.0 <= frequency_penalty <= 2.0:
             raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        if p.top_p is not None and (p.top_p <= 0.0 or p.top_p >= 1.0):
+        if p.top_p is not None and not 0.0 < p.top_p < 1.0:
             raise ValidationError("`top_p` must be > 0.0 and < 1.0")
-        if p.typical_p is not None and (p.typical_p <= 0.0 or p.typical_p >= 1.0):
+        if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
             raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
         if p.top_k is not None and p.top_k <= 0:
             raise ValidationError("`top_k` must be strictly positive")
@@ -186,6 +186,8 @@ class Validator:
         request at once, bounded by `max_total_tokens`.
         """
         lim = self.limits
+        if not ids:  # text a tokenizer normalizes away: the engine cannot run an empty prompt
+            raise ValidationError("`inputs` cannot be empty")
         input_length = min(len(ids), truncate) if truncate is not None else len(ids)
         if max_new_tokens is not None:
             chunk = total_new = max_new_tokens

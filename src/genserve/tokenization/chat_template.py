@@ -187,6 +187,7 @@ class ChatTemplate:
         self.template = compile_template(source)
         # whether the template renders structured `tool_calls` itself (else TGI's JSON content)
         self.uses_tool_calls = "tool_calls" in source
+        # TGI passes `tools` to templates that mention them, else appends them to the prompt
         self.uses_tools = "tools" in source
 
     @classmethod
@@ -207,12 +208,6 @@ class ChatTemplate:
         bos = _token_str(config.get("bos_token")) or getattr(tokenizer, "bos_token", None)
         eos = _token_str(config.get("eos_token")) or getattr(tokenizer, "eos_token", None)
         return cls(source, bos, eos)
-
-    @classmethod
-    def from_sources(
-        cls, model_dir: Path | None, tokenizer: Any, tokenizer_config_path: Path | None = None
-    ) -> ChatTemplate:
-        return cls.load(model_dir, tokenizer, tokenizer_config_path)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> ChatTemplate:

@@ -1,0 +1,177 @@
+"""Bounded waiting: past `--max-concurrent-requests` or `--max-queued-tokens` a request is
+refused at once (429 + Retry-After, or TGI's overloaded SSE event on a stream); a request
+that could never fit the KV cache is a 422, never a hang. Timings are recorded, and asserted
+only generously (a shared 2-core machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import pytest
+from reliability_util import assert_clean, read_stream, reliable_server, wait_until
+
+from genserve.config import CacheConfig
+from genserve.engine.request import Request
+from genserve.sampling.params import StoppingParams
+from genserve.server.errors import OverloadedError
+from genserve.server.generation import QueuedTokens
+
+CAP = 4
+N_OVER = 40
+GENEROUS_S = 5.0  # the target is 50 ms; only a broken server misses this
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir):
+    with reliable_server(tiny_llama_dir, max_concurrent_requests=CAP) as s:
+        yield s
+
+
+async def _timed_post(client: httpx.AsyncClient, body: dict) -> tuple[float, httpx.Response]:
+    t0 = time.perf_counter()
+    r = await client.post("/generate", json=body)
+    return time.perf_counter() - t0, r
+
+
+def test_concurrency_cap_answers_429_fast(served, record_property):
+    async def go() -> tuple[list, list]:
+        hold = {"inputs": "Hold a permit", "parameters": {"max_new_tokens": 200}}
+        limits = httpx.Limits(max_connections=CAP + N_OVER + 8)
+        async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=limits) as client:
+            holders = [
+                asyncio.ensure_future(read_stream(client, "/generate_stream", hold))
+                for _ in range(CAP)
+            ]
+            await asyncio.to_thread(
+                wait_until, lambda: served.service.permits.in_use == CAP, 60, "permits"
+            )
+            body = {"inputs": "Over the cap", "parameters": {"max_new_tokens": 5}}
+            over = await asyncio.gather(*(_timed_post(client, body) for _ in range(N_OVER)))
+            streams = await asyncio.gather(
+                *(read_stream(client, "/generate_stream", body) for _ in range(4))
+            )
+            for task in holders:
+                task.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+        return over, streams
+
+    over, streams = asyncio.run(go())
+    latencies = sorted(t for t, _ in over)
+    for _, r in over:
+        assert r.status_code == 429
+        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        assert int(r.headers["retry-after"]) >= 1
+    for events in streams:  # TGI: overload inside the stream, as an SSE error event
+        assert events == [{"error": "Model is overloaded", "error_type": "overloaded"}]
+    p50, worst = statistics.median(latencies), latencies[-1]
+    record_property("overload_429_p50_ms", round(p50 * 1000, 1))
+    record_property("overload_429_max_ms", round(worst * 1000, 1))
+    print(f"429 latency over {N_OVER}: p50 {p50 * 1000:.1f} ms, max {worst * 1000:.1f} ms")
+    assert worst < GENEROUS_S
+    assert_clean(served)
+    r = httpx.post(f"{served.url}/generate", json={"inputs": "Hi", "parameters": {}}, timeout=60)
+    assert r.status_code == 200  # healthy after
+
+
+def test_queued_tokens_bound(served, tiny_llama_dir):
+    """While one long prompt waits for its first token, a second that would push the queued
+    prompt tokens past the bound is refused at once; an empty queue admits anything."""
+    tok = served.app.state.tokenizer
+    prompt = "one two three four five six seven eight nine ten " * 3
+    n = len(tok.encode(prompt, add_special_tokens=True))
+    queue = served.service.queued_tokens
+    queue.limit = 2 * n - 1  # one such prompt fits, two do not
+    inner = served.engine.engine
+    inner.fault_hook = lambda out: time.sleep(0.4)  # a slow engine: prompts stay queued
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 2}}
+    try:
+        with httpx.Client(base_url=served.url, timeout=60) as client:
+
+            async def first() -> httpx.Response:
+                async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+                    return await c.post("/generate", json=body)
+
+            import threading
+
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.update(r=asyncio.run(first())))
+            t.start()
+            wait_until(lambda: queue.queued >= n, 30, "the first prompt queued")
+            t0 = time.perf_counter()
+            refused = client.post("/generate", json=body)
+            took = time.perf_counter() - t0
+            stream = client.post("/generate_stream", json=body)
+            t.join(60)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error_type"] == "overloaded"
+        assert '"error_type":"overloaded"' in stream.text
+        assert took < GENEROUS_S
+        print(f"queued-tokens 429 in {took * 1000:.1f} ms")
+        assert result["r"].status_code == 200
+        inner.fault_hook = None
+        queue.limit = n // 2  # smaller than the prompt: still admitted when nothing waits
+        assert httpx.post(f"{served.url}/generate", json=body, timeout=60).status_code == 200
+    finally:
+        inner.fault_hook = None
+        queue.limit = None
+    assert_clean(served)
+
+
+def test_queued_tokens_unit():
+    q = QueuedTokens(10)
+    q.check(50)  # empty: always admitted
+    q.add(6)
+    q.check(4)
+    with pytest.raises(OverloadedError):
+        q.check(5)
+    q.remove(6)
+    assert q.queued == 0
+    QueuedTokens(None).check(10**9)
+
+
+@pytest.fixture(scope="module")
+def tiny_kv(tiny_llama_dir):
+    """8 usable blocks of 16 = 128 KV tokens, while max_total_tokens says 256."""
+    kw = {"cache_config": CacheConfig(num_blocks=9, block_size=16)}
+    with reliable_server(tiny_llama_dir, engine_kw=kw, max_total_tokens=256) as s:
+        yield s
+
+
+def test_never_fits_the_kv_cache_is_422(tiny_kv):
+    t0 = time.perf_counter()
+    r = httpx.post(
+        f"{tiny_kv.url}/generate",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 200}},
+        timeout=30,
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "validation"
+    assert "KV cache capacity" in r.json()["error"]
+    assert time.perf_counter() - t0 < GENEROUS_S
+    # without max_new_tokens the request is bounded by what fits, and runs
+    events = asyncio.run(_first_event(tiny_kv.url))
+    assert "token" in events[0]
+    assert_clean(tiny_kv)
+
+
+async def _first_event(url: str) -> list:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        body = {"inputs": "Hello", "parameters": {"details": True}}
+        return await read_stream(client, "/generate_stream", body, stop_after=1)
+
+
+def test_engine_refuses_what_never_fits(tiny_kv):
+    """Defence in depth (the offline API, or a misconfigured server): the engine itself fails
+    such a request with an error event instead of livelocking on preemption."""
+    engine = tiny_kv.engine
+
+    async def collect() -> list:
+        req = Request("too-big", list(range(200, 300)), stopping=StoppingParams(100))
+        return [ev async for ev in engine.generate(req)]
+
+    events = asyncio.run_coroutine_threadsafe(collect(), engine._loop).result(30)
+    assert len(events) == 1 and "KV cache" in events[0].error
+    assert_clean(tiny_kv)
