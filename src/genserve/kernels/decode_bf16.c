@@ -22,6 +22,9 @@ typedef uint16_t bf16;
 
 #define ROWS 4  /* rows of W per register block */
 #define MCHUNK 4 /* rows of X per register block */
+#ifndef PF_ROWS
+#define PF_ROWS 8 /* software prefetch distance, in rows of W: about one block ahead */
+#endif
 
 static inline float bf2f(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
@@ -56,7 +59,6 @@ static void gemm_band(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, v
     const __mmask32 tmask = (__mmask32)((1ull << tail) - 1);
     for (int n = n0; n < n1; n += ROWS) {
         const int rows = (n1 - n) < ROWS ? (n1 - n) : ROWS;
-        if (n + ROWS * 8 < n1) _mm_prefetch((const char *)(W + (int64_t)(n + ROWS * 8) * K), _MM_HINT_T0);
         for (int m0 = 0; m0 < M; m0 += MCHUNK) {
             const int ms = (M - m0) < MCHUNK ? (M - m0) : MCHUNK;
             __m512 acc[ROWS][MCHUNK];
@@ -67,6 +69,9 @@ static void gemm_band(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, v
                 const __mmask32 mask = c < full ? (__mmask32)0xffffffffu : tmask;
                 const int k = c * 32;
                 __m512bh xv[MCHUNK];
+                if (m0 == 0)
+                    for (int r = 0; r < ROWS; r++)
+                        _mm_prefetch((const char *)(W + (int64_t)(n + PF_ROWS + r) * K + k), _MM_HINT_T0);
                 for (int j = 0; j < ms; j++) xv[j] = load_bh(X + (int64_t)(m0 + j) * ldx + k, mask);
                 for (int r = 0; r < rows; r++) {
                     const __m512bh wv = load_bh(W + (int64_t)(n + r) * K + k, mask);
@@ -87,6 +92,56 @@ static void gemm_band(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, v
     }
 }
 
+
+/* M == 1, the single-stream case: 8 rows per block, fully unrolled, so the loop is nothing but
+ * loads and dot products and the weight stream runs at memory speed. */
+static void gemv1_band(const bf16 *W, const bf16 *bias, const bf16 *X, void *Y, int K, int n0,
+                       int n1, int mode) {
+    const int full = K / 32, tail = K % 32;
+    const __mmask32 tmask = (__mmask32)((1ull << tail) - 1);
+    int n = n0;
+    for (; n + 8 <= n1; n += 8) {
+        const bf16 *w = W + (int64_t)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int c = 0; c < full; c++) {
+            const int k = c * 32;
+            const __m512bh xv = load_bh(X + k, ~0u);
+            for (int r = 0; r < 8; r++) _mm_prefetch((const char *)(w + (PF_ROWS + r) * K + k), _MM_HINT_T0);
+            a0 = _mm512_dpbf16_ps(a0, load_bh(w + k, ~0u), xv);
+            a1 = _mm512_dpbf16_ps(a1, load_bh(w + K + k, ~0u), xv);
+            a2 = _mm512_dpbf16_ps(a2, load_bh(w + 2 * K + k, ~0u), xv);
+            a3 = _mm512_dpbf16_ps(a3, load_bh(w + 3 * K + k, ~0u), xv);
+            a4 = _mm512_dpbf16_ps(a4, load_bh(w + 4 * K + k, ~0u), xv);
+            a5 = _mm512_dpbf16_ps(a5, load_bh(w + 5 * K + k, ~0u), xv);
+            a6 = _mm512_dpbf16_ps(a6, load_bh(w + 6 * K + k, ~0u), xv);
+            a7 = _mm512_dpbf16_ps(a7, load_bh(w + 7 * K + k, ~0u), xv);
+        }
+        if (tail) {
+            const int k = full * 32;
+            const __m512bh xv = load_bh(X + k, tmask);
+            a0 = _mm512_dpbf16_ps(a0, load_bh(w + k, tmask), xv);
+            a1 = _mm512_dpbf16_ps(a1, load_bh(w + K + k, tmask), xv);
+            a2 = _mm512_dpbf16_ps(a2, load_bh(w + 2 * K + k, tmask), xv);
+            a3 = _mm512_dpbf16_ps(a3, load_bh(w + 3 * K + k, tmask), xv);
+            a4 = _mm512_dpbf16_ps(a4, load_bh(w + 4 * K + k, tmask), xv);
+            a5 = _mm512_dpbf16_ps(a5, load_bh(w + 5 * K + k, tmask), xv);
+            a6 = _mm512_dpbf16_ps(a6, load_bh(w + 6 * K + k, tmask), xv);
+            a7 = _mm512_dpbf16_ps(a7, load_bh(w + 7 * K + k, tmask), xv);
+        }
+        const float v[8] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),
+                            _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3),
+                            _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
+                            _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
+        for (int r = 0; r < 8; r++) {
+            const float o = v[r] + (bias ? bf2f(bias[n + r]) : 0.0f);
+            if (mode == OUT_F32) ((float *)Y)[n + r] = o;
+            else if (mode == OUT_BF16) ((bf16 *)Y)[n + r] = f2bf(o);
+            else ((bf16 *)Y)[n + r] = f2bf(bf2f(((bf16 *)Y)[n + r]) + rbf(o));
+        }
+    }
+    if (n < n1) gemm_band(W, bias, X, 0, Y, 0, 1, K, n, n1, mode);
+}
+
 /* Inside a parallel region: split N rows into ROWS-aligned bands, one per thread (no barrier). */
 static void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
                      int M, int N, int K, int mode) {
@@ -96,7 +151,8 @@ static void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, vo
     const int b0 = t * per, b1 = (b0 + per) < blocks ? (b0 + per) : blocks;
     if (b0 >= b1) return;
     const int n1 = b1 * ROWS < N ? b1 * ROWS : N;
-    gemm_band(W, bias, X, ldx, Y, ldy, M, K, b0 * ROWS, n1, mode);
+    if (M == 1) gemv1_band(W, bias, X, Y, K, b0 * ROWS, n1, mode);
+    else gemm_band(W, bias, X, ldx, Y, ldy, M, K, b0 * ROWS, n1, mode);
 }
 
 /* Y = X W^T (+ bias): X [M, K] bf16 (row stride ldx), W [N, K] bf16, Y fp32 or bf16 [M, ldy]. */
