@@ -221,7 +221,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "item": {
                 "allOf": [
-                    {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1}}},
+                    {
+                        "type": "object",
+                        "properties": {"id": {"type": "integer", "minimum": 1}},
+                        "additionalProperties": False,
+                    },
                     {"required": ["id"]},
                 ],
             }

@@ -167,7 +167,10 @@ def test_api_key(served):
 
 
 def test_cors_as_configured(served):
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    pre = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
     with httpx.Client(base_url=served.url, timeout=30) as c:
         ok = c.options("/generate", headers={"Origin": ORIGIN, **pre})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN

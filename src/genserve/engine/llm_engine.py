@@ -223,7 +223,7 @@ class LLMEngine:
         live = self._live[req.request_id]
         req.append_output_token(token)
         piece = live.detok.step(token)
-        reason = live.stop(token, piece)
+        reason = live.stop(token, piece, self.sampler.grammars.done(req))
         if reason is not None:
             piece += live.detok.flush()
         tok = self.tokenizer

@@ -1,7 +1,7 @@
 """Batched logits processors, in TGI's order (`server/text_generation_server/utils/tokens.py`).
 
     watermark -> repetition penalty -> frequency penalty (TGI) -> OpenAI frequency/presence
-    -> logit_bias -> [grammar mask: not yet] -> temperature -> top_k -> top_p -> typical_p -> min_p
+    -> logit_bias -> grammar mask -> temperature -> top_k -> top_p -> typical_p -> min_p
 
 Every processor is built for a batch only when at least one row needs it, and works on the
 whole `[B, V]` float32 tensor with per-row parameters as `[B, 1]` tensors; rows that do not need
@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from genserve.engine.request import Request
+from genserve.sampling.grammar_mask import GrammarMask, GrammarStates
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig, WatermarkProcessor
 
@@ -291,11 +292,15 @@ class LogitsPipeline:
         vocab_size: int,
         device: torch.device,
         watermark: WatermarkConfig | None = None,
+        grammars: GrammarStates | None = None,
     ) -> LogitsPipeline | None:
+        """`grammars`: the Sampler's per-request matchers (rows with a grammar get masked)."""
         params = [r.sampling for r in requests]
         processors = _penalties(params, device)
         bias = _logit_bias(params, vocab_size, device)
         processors += [bias] if bias is not None else []
+        mask = GrammarMask.build(requests, grammars, device) if grammars is not None else None
+        processors += [mask] if mask is not None else []
         processors += _warpers(params, device)
         marker = WatermarkProcessor.build(requests, watermark or WatermarkConfig())
         if not processors and marker is None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from genserve.sampling.grammar import CompiledGrammar
 
 
 @dataclass(slots=True)
@@ -29,6 +33,7 @@ class SamplingParams:
     watermark: bool = False
     top_n_tokens: int = 0
     logprobs: bool = True  # compute the chosen token's logprob
+    grammar: CompiledGrammar | None = None  # constrained decoding (shared, immutable handle)
 
     @property
     def uses_warpers(self) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from genserve.engine.request import Request
+from genserve.sampling.grammar_mask import GrammarStates
 from genserve.sampling.logits_process import LogitsPipeline
 from genserve.sampling.watermark import WatermarkConfig
 
@@ -47,13 +48,15 @@ class Sampler:
     """Chooses the next token of each row. Keeps per-request generators across steps.
 
     `vocab_size` is the model's: logits columns past it (padded embeddings) are dropped.
-    Call `release(request_id)` when a request finishes or is aborted.
+    Call `release(request_id)` when a request finishes or is aborted. `grammars` holds the
+    constrained requests' matchers; the engine asks `grammars.done(request)` after each token.
     """
 
     def __init__(self, vocab_size: int, watermark: WatermarkConfig | None = None) -> None:
         self.vocab_size = vocab_size
         self.watermark = watermark or WatermarkConfig()
         self._generators: dict[str, torch.Generator] = {}
+        self.grammars = GrammarStates()
         self._plan_key: tuple | None = None
         self._plan: _BatchPlan | None = None
 
@@ -68,8 +71,9 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), logprobs, top_tokens)
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator."""
+        """Forget a finished request's generator and grammar matcher."""
         self._generators.pop(request_id, None)
+        self.grammars.release(request_id)
 
     # ------------------------------------------------------------------ internals
 
@@ -80,7 +84,9 @@ class Sampler:
             sample_rows = [i for i, p in enumerate(params) if p.sampling]
             partial = 0 < len(sample_rows) < len(params)
             self._plan = _BatchPlan(
-                pipeline=LogitsPipeline.build(requests, self.vocab_size, device, self.watermark),
+                pipeline=LogitsPipeline.build(
+                    requests, self.vocab_size, device, self.watermark, self.grammars
+                ),
                 sample_rows=sample_rows,
                 sample_index=torch.tensor(sample_rows, device=device) if partial else None,
                 want_logprobs=[p.logprobs or p.top_n_tokens > 0 for p in params],

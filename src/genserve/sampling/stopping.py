@@ -1,4 +1,5 @@
-"""When a request stops: length, then EOS, then stop sequences (TGI's `StoppingCriteria` order).
+"""When a request stops: length, then EOS, then a completed grammar, then stop sequences (TGI's
+`StoppingCriteria` order; a grammar that allows nothing more but EOS ends as `stop_sequence`).
 
 Stop sequences are matched on the decoded output text as the stream shows it (special tokens
 included), so a stop string split across several tokens is found when its last piece arrives.
@@ -38,14 +39,17 @@ class StopChecker:
         self._keep = max(TAIL_KEEP, self._longest)
         self._trim_at = self._keep + (TAIL_TRIM_AT - TAIL_KEEP)
 
-    def __call__(self, token_id: int, text: str) -> FinishReason | None:
+    def __call__(self, token_id: int, text: str, grammar_done: bool = False) -> FinishReason | None:
         """`token_id` was just generated and decoded to the stream piece `text` ("" while the
-        detokenizer holds back an incomplete character). Returns why to stop, or None."""
+        detokenizer holds back an incomplete character); `grammar_done`: the request's grammar
+        is complete with it. Returns why to stop, or None."""
         self.num_generated += 1
         if self.num_generated >= self.max_new_tokens:
             return FinishReason.LENGTH
         if token_id in self.eos_token_ids:
             return FinishReason.EOS_TOKEN
+        if grammar_done:
+            return FinishReason.STOP_SEQUENCE
         if self.stop_sequences and text:
             return self._check_text(text)
         return None

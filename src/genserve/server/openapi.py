@@ -83,8 +83,18 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     503: _err("Shutting down", "the server is shutting down", "unavailable", JSON),
 }
 ERROR_RESPONSES = {**_errors(JSON), **BODY_ERRORS}
+
+
+def sse_events(*names: str) -> dict[str, Any]:
+    """One SSE event (OpenAPI 3.1 / JSON Schema 2020-12): its `data` is JSON of one of `names`."""
+    payload = {"oneOf": [ref(n) for n in names]} if len(names) > 1 else ref(names[0])
+    data = {"type": "string", "contentMediaType": JSON, "contentSchema": payload}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"schema": event}
+
+
 # a stream reports errors as SSE events over a 200 (TGI), so an event is either kind
-SSE_EVENTS = {"schema": {"oneOf": [ref("StreamResponse"), ref("ErrorResponse")]}}
+SSE_EVENTS = sse_events("StreamResponse", "ErrorResponse")
 STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Generated Text", "content": {"text/event-stream": SSE_EVENTS}},
     **_errors("text/event-stream", JSON),
