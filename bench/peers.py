@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     p.add_argument("--duration", type=float, default=60.0, help="time limit per run, s")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every server")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--build-only", action="store_true")
     args = p.parse_args()
@@ -58,7 +59,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = ["--compare", args.peers, "--workload", args.workloads, "--cache-dir", str(cache)]
-    argv += ["--duration", str(args.duration), "--json", str(out / "compare.json")]
+    argv += ["--duration", str(args.duration), "--threads", str(args.threads)]
+    argv += ["--json", str(out / "compare.json")]
     argv += ["--plot", str(out / "compare.png"), "--log-dir", str(out / "logs")]
     with open(out / "compare.md", "w") as md, contextlib.redirect_stdout(_Tee(sys.stdout, md)):
         return cli.main(argv)

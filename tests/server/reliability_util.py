@@ -118,7 +118,7 @@ async def read_stream(client: Any, path: str, body: dict, stop_after: int | None
     async with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200, r.status_code
         async for line in r.aiter_lines():
-            if line.startswith("data:"):
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":  # OpenAI's end
                 events.append(json.loads(line[5:]))
                 if stop_after is not None and len(events) >= stop_after:
                     return events

@@ -160,15 +160,16 @@ def test_errors_are_sdk_exceptions(client):
     body = _refused(client, unprocessable, "`top_n_tokens` must be", logprobs=True, top_logprobs=9)
     assert body["error_type"] == "validation"
     tools = [{"type": "function", "function": {"name": "f"}}]
-    _refused(client, unprocessable, "`tools` are not supported yet", tools=tools)
-    _refused(client, unprocessable, "not supported yet", response_format={"type": "json_object"})
+    _refused(client, unprocessable, "Tool with name g not found", tools=tools, tool_choice="g")
+    _refused(client, unprocessable, "`response_format.type`", response_format={"type": "yaml"})
     image = {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
     messages = [{"role": "user", "content": [image]}]
     _refused(client, unprocessable, "text-only", messages=messages)
     _refused(client, unprocessable, "`presence_penalty`", presence_penalty=3.0)
     _refused(client, unprocessable, "`stop` supports up to 4", stop=list("abcde"), stream=True)
-    body = _refused(client, openai.RateLimitError, "overloaded", n=9)  # 9 > 8 permits
-    assert body == {"error": "Model is overloaded", "error_type": "overloaded"}
+    # 9 > 8 permits: it could never be admitted, so a 422, not a 429 to retry (issue 8)
+    body = _refused(client, unprocessable, "at most 8 run concurrently", n=9)
+    assert body["error_type"] == "validation"
 
 
 def test_error_after_the_stream_started(server, client):

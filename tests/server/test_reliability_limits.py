@@ -67,6 +67,16 @@ HUGE_INT = 2**70
         ("/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2}}, 200),
         ("/vertex", {"instances": [{"inputs": "hi"}] * 10_000}, 413),
         ("/tokenize", {"inputs": "x" * 200_000}, 413),
+        # fan-out past the concurrency cap could never be admitted: 422, not a 429 to retry
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "n": 10**6},
+            422,
+        ),
+        ("/v1/completions", {"prompt": ["a", "b"], "n": 129}, 422),
+        ("/v1/completions", {"prompt": ["a"] * 50}, 422),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]}, 413),
+        ("/v1/chat/completions", {"messages": [], "max_tokens": 2**40}, 422),
     ],
 )
 def test_hostile_bodies_get_a_clear_4xx(client, path, payload, status):
@@ -77,7 +87,11 @@ def test_hostile_bodies_get_a_clear_4xx(client, path, payload, status):
     _clear_4xx(r, status)
 
 
-@pytest.mark.parametrize("path", ["/", "/generate", "/generate_stream", "/vertex", "/invocations"])
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/generate", "/generate_stream", "/vertex", "/invocations", "/tokenize",
+     "/v1/chat/completions", "/v1/completions", "/chat_tokenize"],
+)  # fmt: skip
 def test_deeply_nested_json_is_400(client, path):
     r = client.post(path, content=DEEP, headers={"content-type": "application/json"})
     _clear_4xx(r, 400)
@@ -123,9 +137,9 @@ def _raw(port: int, data: bytes) -> tuple[bytes, float]:
         s.settimeout(30)
         s.sendall(data)
         t0 = time.monotonic()
-        reply = s.recv(4096)
-        while reply and not s.recv(4096) == b"":  # the server closes the connection
-            pass
+        reply = b""
+        while chunk := s.recv(4096):  # until the server closes the connection
+            reply += chunk
         return reply, time.monotonic() - t0
 
 

@@ -175,3 +175,28 @@ def test_engine_refuses_what_never_fits(tiny_kv):
     events = asyncio.run_coroutine_threadsafe(collect(), engine._loop).result(30)
     assert len(events) == 1 and "KV cache" in events[0].error
     assert_clean(tiny_kv)
+
+
+def test_launcher_flags():
+    from genserve.cli import build_parser
+    from genserve.server.launcher import (
+        ArgumentValidation,
+        check_arguments,
+        resolve_max_queued_tokens,
+        resolve_token_limits,
+    )
+
+    def parse(argv, env=None):
+        return build_parser(env or {}).parse_args(["launch", *argv])
+
+    a = parse([])
+    assert (a.max_queued_tokens, a.request_read_timeout, a.keep_alive_timeout) == (None, 30.0, 5.0)
+    assert resolve_max_queued_tokens(a, kv_tokens=5000, max_input=100) == 5000
+    assert resolve_max_queued_tokens(parse(["--max-queued-tokens", "0"]), 5000, 100) is None
+    env = parse([], {"MAX_QUEUED_TOKENS": "777", "REQUEST_READ_TIMEOUT": "2.5"})
+    assert (env.max_queued_tokens, env.request_read_timeout) == (777, 2.5)
+    with pytest.raises(ArgumentValidation, match="max_queued_tokens"):
+        check_arguments(parse(["--max-queued-tokens", "-1"]))
+    # a max_total_tokens larger than the KV cache could never run one request: refused (TGI)
+    with pytest.raises(ArgumentValidation, match="Not enough memory"):
+        resolve_token_limits(parse(["--max-total-tokens", "2000"]), 4096, 1000)

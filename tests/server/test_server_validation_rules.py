@@ -45,10 +45,8 @@ RULES = [
     ({"truncate": 0}, _v("`truncate` must be strictly positive and less than 8. Given: 0")),
     ({"truncate": 9}, _v("`truncate` must be strictly positive and less than 8. Given: 9")),
     ({"best_of": 3, "do_sample": True}, _v("`best_of` must be > 0 and <= 2. Given: 3")),
-    (
-        {"grammar": {"type": "regex", "value": "a+"}},
-        _v("grammar is not supported yet by this server"),
-    ),
+    # the fake tokenizer has no `tokenizers` backend to compile grammars against
+    ({"grammar": {"type": "regex", "value": "a+"}}, _v("grammar is not supported")),
 ]
 
 

@@ -60,6 +60,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="for --launch/--quick: genserve's --dtype")
     p.add_argument("--cold-start-runs", type=int, default=3)
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every server started (OMP_NUM_THREADS, llama.cpp -t; default 2)",
+    )
+    p.add_argument(
         "--build-peers", action="store_true", help="build llama-server if missing (~15 min)"
     )
     p.add_argument(

@@ -192,7 +192,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, api: str, rec: RequestRecor
 
 
 def make_session(target: Target) -> aiohttp.ClientSession:
-    """One session per run; no connection limit (the load shape decides the concurrency)."""
+    """One session per run; no connection limit (the load shape decides the concurrency). A new
+    connection per request: a kept-alive one that the server has closed meanwhile would fail the
+    next request with a reset that is the client's fault, not the server's."""
     timeout = aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=30)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     return aiohttp.ClientSession(timeout=timeout, connector=connector)

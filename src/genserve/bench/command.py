@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ logger = logging.getLogger("genserve.bench")
 
 def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM (and SIGINT, even where a background shell ignores it) unwinds the stack, so every
+    # server this run started is stopped by its context manager rather than left behind
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupted)
     scale = _scale(args)
     workloads = _workloads(args)
     tok = _tokenizer(args)
@@ -58,6 +63,10 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _execute(args: argparse.Namespace, cfg: BenchConfig) -> tuple[list[dict], dict[str, str]]:
     if args.url:
         fixed = args.fixed_length or ("none" if args.api == "tgi" else "ignore_eos")
@@ -67,10 +76,11 @@ def _execute(args: argparse.Namespace, cfg: BenchConfig) -> tuple[list[dict], di
         cache = llamacpp.bench_cache(Path(args.cache_dir) if args.cache_dir else None)
         if args.build_peers:
             llamacpp.build_llama_server(cache)
-        specs = peers.peer_specs([n.strip() for n in args.compare.split(",") if n.strip()], cache)
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        specs = peers.peer_specs(names, cache, args.threads or peers.DEFAULT_THREADS)
     else:  # --launch or --quick
         dtype = args.dtype or ("float32" if args.quick else "bfloat16")
-        specs = [peers.genserve_spec(dtype, args.model_id)]
+        specs = [peers.genserve_spec(dtype, args.model_id, args.threads)]
     rows: list[dict[str, Any]] = []
     for spec in specs:
         rows += bench_server(spec, cfg)
@@ -100,22 +110,24 @@ def _workloads(args: argparse.Namespace) -> list[str]:
 
 
 def _custom_plans(args: argparse.Namespace, builder_for, scale: Scale) -> list:
-    b = builder_for(args.seed)
-    out_default = args.output_len or 128
-    if args.prompts:
-        specs = jsonl_specs(args.prompts, b, out_default)[: args.num_requests]
-    elif args.input_len or args.output_len:
-        specs = synthetic_specs(b, [(args.input_len or 128, out_default)] * args.num_requests)
-    else:
-        specs = synthetic_specs(b, sharegpt_lengths(args.num_requests, args.seed))
     levels = [("c", int(c)) for c in (args.concurrency or "").split(",") if c.strip()]
     levels += [("r", float(r)) for r in (args.rate or "").split(",") if r.strip()]
-    if not levels:
-        levels = [("c", 1)]
-    return [
-        custom_plan(b, specs, v if k == "c" else None, v if k == "r" else None, scale)
-        for k, v in levels
-    ]
+    plans = []
+    for i, (kind, value) in enumerate(levels or [("c", 1)]):
+        b = builder_for(args.seed + 1000 + i)  # new synthetic text per level, as in `sweep`
+        specs = _custom_specs(args, b)
+        conc, rate = (value, None) if kind == "c" else (None, value)
+        plans.append(custom_plan(b, specs, conc, rate, scale))
+    return plans
+
+
+def _custom_specs(args: argparse.Namespace, b: PromptBuilder) -> list:
+    out_default = args.output_len or 128
+    if args.prompts:  # the user's prompts, the same at every level
+        return jsonl_specs(args.prompts, b, out_default)[: args.num_requests]
+    if args.input_len or args.output_len:
+        return synthetic_specs(b, [(args.input_len or 128, out_default)] * args.num_requests)
+    return synthetic_specs(b, sharegpt_lengths(args.num_requests, args.seed))
 
 
 def _tokenizer(args: argparse.Namespace) -> Path | None:

@@ -6,7 +6,11 @@
 - TTFT: request sent -> first token-bearing chunk. ITL: gaps between token-bearing chunks (one
   token per chunk for TGI and llama.cpp; `transformers serve` may put several tokens in one
   chunk). TPOT: (e2e - TTFT) / (output tokens - 1) per request. E2E: sent -> stream end.
-  Latencies are over completed requests only, in milliseconds.
+  In milliseconds. E2E and TPOT are over completed requests. TTFT and ITL also count requests
+  cut off by the time limit, as far as they got: at high concurrency few long requests finish
+  within the limit, and latencies of only the finished (short) ones would be biased low.
+  `no_first_token` counts requests cut off before their first token (their TTFT is longer than
+  the time they had, and is left out).
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ def summarize(outcome: RunOutcome) -> dict[str, Any]:
         for r in ok
         if r.output_tokens > 1 and r.ttft is not None and r.e2e is not None
     ]
-    itls = [gap for r in ok for gap in r.itls]
+    served = [r for r in recs if r.error is None]  # completed, or cut off by the time limit
+    itls = [gap for r in served for gap in r.itls]
     return {
         "requests": len(recs),
         "completed": len(ok),
         "cancelled": sum(1 for r in recs if r.cancelled),
+        "no_first_token": sum(1 for r in served if r.ttft is None),
         "errors": dict(sorted(errors.items())),
         "timed_out": outcome.timed_out,
         "duration_s": window,
@@ -57,7 +63,7 @@ def summarize(outcome: RunOutcome) -> dict[str, Any]:
         "input_tokens_mean": _mean(r.input_len for r in ok),
         "output_tokens_mean": _mean(r.output_tokens for r in ok),
         "requested_output_mean": _mean(r.requested_output for r in ok),
-        "ttft_ms": dist(r.ttft for r in ok),
+        "ttft_ms": dist(r.ttft for r in served),
         "itl_ms": dist(itls),
         "tpot_ms": dist(tpots),
         "e2e_ms": dist(r.e2e for r in ok),

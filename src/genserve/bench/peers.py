@@ -23,11 +23,11 @@ from genserve.bench.servers import ServerSpec
 
 LLAMA_PARALLEL = 64
 LLAMA_CTX_PER_SLOT = 2048
-THREADS = "2"
+DEFAULT_THREADS = 2  # the machine's cores; torch reads OMP_NUM_THREADS, llama.cpp takes -t
 
 
 def genserve_spec(
-    dtype: str, model_id: str | None = None, extra: list[str] | None = None, name: str = ""
+    dtype: str, model_id: str | None = None, threads: int | None = None
 ) -> ServerSpec:
     short = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
@@ -36,28 +36,35 @@ def genserve_spec(
         cmd += ["--port", str(port), "--dtype", dtype, "--graceful-termination-timeout", "5"]
         if model_id:
             cmd += ["--model-id", model_id]
-        return cmd + list(extra or [])
+        return cmd
 
     return ServerSpec(
-        name=name or f"genserve-{short}",
+        name=f"genserve-{short}",
         description=f"genserve launch --dtype {dtype} (TGI /generate_stream, max_new_tokens only)",
         api="tgi",
         fixed_length="none",
         argv=argv,
+        env=_omp(threads),
     )
 
 
-def llama_cpp_spec(name: str, binary: Path, gguf: Path | None, why: str | None) -> ServerSpec:
+def _omp(threads: int | None) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
+
+
+def llama_cpp_spec(
+    name: str, binary: Path, gguf: Path | None, why: str | None, threads: int
+) -> ServerSpec:
     def argv(port: int) -> list[str]:
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--parallel", str(LLAMA_PARALLEL), "--cont-batching", "--kv-unified"]
         cmd += ["--ctx-size", str(LLAMA_PARALLEL * LLAMA_CTX_PER_SLOT)]
-        return cmd + ["--threads", THREADS, "--threads-batch", THREADS, "--no-webui"]
+        return cmd + ["--threads", str(threads), "--threads-batch", str(threads), "--no-webui"]
 
     kind = gguf.name if gguf else "?"
     return ServerSpec(
         name=name,
-        description=f"llama-server --parallel {LLAMA_PARALLEL} on {kind} "
+        description=f"llama-server --parallel {LLAMA_PARALLEL} -t {threads} on {kind} "
         "(OpenAI /v1/completions, ignore_eos)",
         api="openai-completions",
         fixed_length="ignore_eos",
@@ -67,7 +74,9 @@ def llama_cpp_spec(name: str, binary: Path, gguf: Path | None, why: str | None) 
     )
 
 
-def transformers_spec(hf_dir: Path, dtype: str = "float32", cb: bool = False) -> ServerSpec:
+def transformers_spec(
+    hf_dir: Path, dtype: str = "float32", cb: bool = False, threads: int | None = None
+) -> ServerSpec:
     flag = ["--continuous-batching"] if cb else []
 
     def argv(port: int) -> list[str]:
@@ -77,16 +86,17 @@ def transformers_spec(hf_dir: Path, dtype: str = "float32", cb: bool = False) ->
 
     return ServerSpec(
         name="transformers-cb" if cb else "transformers",
-        description=f"transformers serve --device cpu --dtype {dtype} {' '.join(flag)}(its own "
-        "server; OpenAI /v1/completions, min_new_tokens via generation_config)",
+        description=" ".join(["transformers serve --device cpu --dtype", dtype, *flag])
+        + " (its own server; OpenAI /v1/completions, min_new_tokens via generation_config)",
         api="openai-completions",
         fixed_length="hf-generation-config",
         argv=argv,
         model=str(hf_dir),
+        env=_omp(threads),
     )
 
 
-def peer_specs(names: list[str], cache: Path) -> list[ServerSpec]:
+def peer_specs(names: list[str], cache: Path, threads: int = DEFAULT_THREADS) -> list[ServerSpec]:
     """ServerSpecs for `names`; a peer that cannot run here carries the reason."""
     from genserve.models.default_model import default_model_dir
 
@@ -96,16 +106,16 @@ def peer_specs(names: list[str], cache: Path) -> list[ServerSpec]:
     specs = []
     for name in names:
         if name == "genserve-bf16":
-            specs.append(genserve_spec("bfloat16"))
+            specs.append(genserve_spec("bfloat16", threads=threads))
         elif name == "genserve-fp32":
-            specs.append(genserve_spec("float32"))
+            specs.append(genserve_spec("float32", threads=threads))
         elif name == "llama.cpp-f16":
             gguf, why = _converted(cache, hf_dir)
-            specs.append(llama_cpp_spec(name, binary, gguf, no_build or why))
+            specs.append(llama_cpp_spec(name, binary, gguf, no_build or why, threads))
         elif name == "llama.cpp-q4_1":
-            specs.append(llama_cpp_spec(name, binary, llamacpp.q4_1_gguf(), no_build))
+            specs.append(llama_cpp_spec(name, binary, llamacpp.q4_1_gguf(), no_build, threads))
         elif name in ("transformers", "transformers-cb"):
-            specs.append(transformers_spec(hf_dir, cb=name.endswith("-cb")))
+            specs.append(transformers_spec(hf_dir, cb=name.endswith("-cb"), threads=threads))
         else:
             raise ValueError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
     return specs

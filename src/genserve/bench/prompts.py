@@ -17,12 +17,14 @@ mean output 338 tokens) closely enough, with tails clipped so one request cannot
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +54,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer_path: str | Path | None, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
-        self.tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
-        self.words = _word_tokens(self.tokenizer) if self.tokenizer else []
+        self.tokenizer, self.words = _load(str(tokenizer_path)) if tokenizer_path else (None, [])
         self.exact = bool(self.words)
 
     def count(self, text: str) -> int:
@@ -86,13 +87,16 @@ class PromptBuilder:
         return text
 
 
-def _load_tokenizer(path: str | Path):
+@functools.cache
+def _load(path: str) -> tuple[Any, list[str]]:
+    """(tokenizers.Tokenizer, its whole-word tokens), loaded once per path."""
     from tokenizers import Tokenizer
 
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
-    return Tokenizer.from_file(str(p))
+    tokenizer = Tokenizer.from_file(str(p))
+    return tokenizer, _word_tokens(tokenizer)
 
 
 def _word_tokens(tokenizer) -> list[str]:

@@ -102,7 +102,10 @@ def _run_cells(r: Row) -> list[str]:
         return "/".join(fmt(d.get(p)) for p in ("p50", "p90", "p99"))
 
     asked = f"{fmt(r.get('output_tokens_mean'))} ({fmt(r.get('requested_output_mean'))})"
-    cut = f" (+{r['cancelled']} cut off)" if r.get("cancelled") else ""
+    cut = f" (+{r['cancelled']} cut off" if r.get("cancelled") else ""
+    if cut and r.get("no_first_token"):
+        cut += f", {r['no_first_token']} before a first token"
+    cut += ")" if cut else ""
     return [
         f"{r['completed']}/{r['requests']}{cut}",
         fmt(r["request_throughput"]),

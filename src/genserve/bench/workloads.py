@@ -47,7 +47,10 @@ class Scale:
 
 
 def plans(name: str, builder_for, scale: Scale) -> list[RunPlan]:
-    """The runs of workload `name`; `builder_for(seed)` gives a fresh seeded `PromptBuilder`."""
+    """The runs of workload `name`; `builder_for(seed)` gives a fresh seeded `PromptBuilder`.
+
+    Each workload (and each sweep level) draws its text from its own seed, so no run re-sends
+    an earlier run's prompts and a prefix cache only helps where the workload means it to."""
     makers = {
         "single": _single,
         "sweep": _sweep,
@@ -65,7 +68,7 @@ def _fixed(builder: PromptBuilder, n: int, inp: int, out: int) -> list[RequestSp
 
 def _single(builder_for, scale: Scale) -> list[RunPlan]:
     n, inp, out = (3, 32, 16) if scale.quick else (8, 128, 128)
-    b = builder_for(scale.seed)
+    b = builder_for(scale.seed + 1)
     shape = LoadShape(concurrency=1, duration_s=scale.duration_s, seed=scale.seed)
     return [RunPlan("single", "c=1", shape, _fixed(b, n, inp, out), warmup=_fixed(b, 1, inp, 8)[0])]
 
@@ -74,7 +77,8 @@ def _sweep(builder_for, scale: Scale) -> list[RunPlan]:
     levels = (1, 4) if scale.quick else SWEEP_CONCURRENCY
     runs = []
     for c in levels:
-        b = builder_for(scale.seed)  # the same prompts, in the same order, at every level
+        # new text at every level (a prefix cache must not help), same length distribution
+        b = builder_for(scale.seed + 100 + c)
         n = 8 if scale.quick else max(8, 4 * c)
         if scale.quick:
             specs = _fixed(b, n, 32, 16)
@@ -89,7 +93,7 @@ def _shared_prefix(builder_for, scale: Scale) -> list[RunPlan]:
     clients, n, prefix, out = (4, 8, 200, 8) if scale.quick else (16, 32, 1000, 32)
     runs = []
     for point, shared in (("unique", False), ("shared", True)):
-        b = builder_for(scale.seed)
+        b = builder_for(scale.seed + 2)
         # n + 1 prompts: the first is the warm-up, which (when shared) primes the prefix cache
         specs = shared_prefix_specs(b, n + 1, prefix, 32, out, shared=shared)
         shape = LoadShape(concurrency=clients, duration_s=scale.duration_s, seed=scale.seed)
@@ -99,7 +103,7 @@ def _shared_prefix(builder_for, scale: Scale) -> list[RunPlan]:
 
 def _overload(builder_for, scale: Scale) -> list[RunPlan]:
     clients = 40 if scale.quick else 500
-    b = builder_for(scale.seed)
+    b = builder_for(scale.seed + 3)
     shape = LoadShape(concurrency=clients, duration_s=2 * scale.duration_s, seed=scale.seed)
     specs = _fixed(b, clients, 32, 8 if scale.quick else 32)
     return [RunPlan("overload", f"c={clients}", shape, specs)]

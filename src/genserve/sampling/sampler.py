@@ -74,6 +74,7 @@ class Sampler:
         """Forget a finished request's generator and grammar matcher."""
         self._generators.pop(request_id, None)
         self.grammars.release(request_id)
+        self._plan_key = None  # a later request may reuse the id: never reuse its plan
 
     # ------------------------------------------------------------------ internals
 

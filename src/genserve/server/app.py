@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from genserve.sampling.grammar import GrammarCompiler
 from genserve.server.auth import ApiKeyMiddleware
 from genserve.server.errors import InferError
 from genserve.server.generation import GenerationService
@@ -31,6 +32,7 @@ from genserve.server.openapi import build_openapi
 from genserve.server.routes_openai import install as install_openai
 from genserve.server.routes_tgi import router as tgi_router
 from genserve.server.settings import ServerSettings
+from genserve.server.shedding import ShedMiddleware
 from genserve.server.validation import Validator
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         limits,
         lambda text, special: list(tokenizer.encode(text, add_special_tokens=special)),
         workers=settings.validation_workers,
+        grammars=GrammarCompiler.for_tokenizer(tokenizer),  # None: grammars are refused
     )
     service = GenerationService(
         engine,
@@ -111,6 +114,8 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         return JSONResponse(app.openapi())
 
     _install_error_handlers(app)
+    # innermost: over-cap requests are refused before their body is read, after the key check
+    app.add_middleware(ShedMiddleware, service=service, retry_after=RETRY_AFTER_S)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)

@@ -23,6 +23,7 @@ from genserve.server.errors import (
     IncompleteGenerationError,
     InferError,
     OverloadedError,
+    ValidationError,
 )
 from genserve.server.metrics import ServerMetrics
 from genserve.server.protocol import GenerateRequest, PrefillToken, Token
@@ -93,6 +94,11 @@ class Permits:
         self.in_use = 0
 
     def acquire(self, n: int = 1) -> None:
+        if 0 < self.limit < n:  # would never be admitted: retrying cannot help, so not a 429
+            raise ValidationError(
+                f"the request needs {n} sequences at once and at most {self.limit} run "
+                "concurrently (`--max-concurrent-requests`)"
+            )
         if self.in_use + n > self.limit:
             raise OverloadedError()
         self.in_use += n

@@ -3,9 +3,10 @@
 The OpenAI bodies become TGI's `GenerateRequest` first (TGI's `try_into_generate`), so every
 check and message of `validation.py` applies unchanged; what TGI's parameters cannot say
 (OpenAI's presence/frequency penalties, `logit_bias`, `n`) is validated here and set on the
-engine's `SamplingParams` afterwards. Constrained decoding plugs in at `grammar_for`: it returns
-the `GrammarType` for `GenerateParameters.grammar` (today: none; `response_format` and `tools`
-are refused with a 422 until the structured-output work lands).
+engine's `SamplingParams` afterwards. Constrained decoding plugs in at `grammar_for`: it turns
+`response_format` / `tools` into the grammar for `GenerateParameters.grammar` (TGI's
+`GrammarType`, with TGI's checks, or a `GrammarSpec` for what TGI's form cannot say) and the
+`ToolPlan` that the prompt and the response are built from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from genserve.server.errors import TemplateError, ValidationError
+import jsonschema
+from pydantic import ValidationError as PydanticValidationError
+
+from genserve.sampling.grammar import JSON_OPTIONS
+from genserve.sampling.grammar_spec import GrammarSpec
+from genserve.server.errors import InferError, TemplateError, ValidationError
 from genserve.server.generation import GenerationService, Timing
 from genserve.server.protocol import GenerateParameters, GenerateRequest, GrammarType
 from genserve.server.protocol_openai import ChatMessage, ChatRequest, _Sampling
@@ -35,15 +41,170 @@ class Extras:
     stop: list[str]
 
 
-def grammar_for(req: ChatRequest) -> GrammarType | None:
-    """The grammar that constrains this chat request, if any (structured-output hook)."""
+class ToolError(InferError):
+    """TGI's `InferError::ToolError`: 422 `{"error": "Tool error: ...", "error_type": "tool_error"}`."""
+
+    status = 422
+    error_type = "tool_error"
+    metric_label = "tool_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Tool error: {reason}")
+
+
+# TGI's default `tool_prompt` (`router/src/lib.rs`), word for word
+TOOL_PROMPT = (
+    "\nGiven the functions available, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt. Respond in the format {name: function "
+    "name, parameters: dictionary of argument name and its value}.Do not use variables.\n"
+)
+ANY_OBJECT = {"type": "object"}
+# a text answer of `tool_choice: auto`: anything that does not start like a JSON value
+_TEXT_RULE = r"TEXT: /[^{\[ \t\r\n](.|\n)*/"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """What `tools` + `tool_choice` ask: the tools shown to the model (OpenAI's shape), the
+    names it may call, whether it may answer in text instead (`auto`), the prompt text."""
+
+    tools: list[dict[str, Any]]
+    names: tuple[str, ...]
+    auto: bool
+    prompt: str
+
+
+Grammar = GrammarType | GrammarSpec
+
+
+def grammar_for(req: ChatRequest) -> tuple[Grammar | None, ToolPlan | None]:
+    """The grammar that constrains this chat request, if any, and its tool plan (see
+    docs/openai.md, "Structured output and tools")."""
+    if req.response_format is not None and req.tools is not None:
+        raise ToolError("Grammar and tools are mutually exclusive")
     if req.response_format is not None:
-        raise ValidationError("`response_format` is not supported yet by this server")
-    if req.tools is not None:
-        raise ValidationError("`tools` are not supported yet by this server")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise ValidationError("`tool_choice` needs `tools`, which are not supported yet")
-    return None
+        return response_format_grammar(req.response_format), None
+    return tool_grammar(req)
+
+
+def _grammar_type(kind: str, value: Any) -> GrammarType:
+    try:
+        return GrammarType(type=kind, value=value)
+    except PydanticValidationError as exc:
+        reason = "; ".join(e["msg"] for e in exc.errors())
+        raise ValidationError(f"`response_format` is not valid: {reason}") from None
+
+
+def response_format_grammar(rf: Any) -> Grammar | None:
+    """TGI's form (`{"type": "json"|"json_object"|"json_schema"|"regex", "value": ...}`, TGI's
+    checks) and OpenAI's (`{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}`, `{"type": "json_object"}` = any JSON object, `{"type": "text"}` = none)."""
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object" and rf.get("value") is None:
+        return GrammarSpec.json_object()
+    if kind == "json_schema" and "json_schema" in rf:
+        spec = rf["json_schema"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValidationError("`response_format.json_schema` needs a `schema` object")
+        return _grammar_type("json_schema", spec)
+    if kind in ("json", "json_object", "json_schema", "regex"):
+        if "value" not in rf:
+            raise ValidationError(f"`response_format` of type `{kind}` needs a `value`")
+        return _grammar_type(kind, rf["value"])
+    raise ValidationError(
+        "`response_format.type` must be one of `text`, `json_object`, `json_schema`, `json`, "
+        f"`regex`. Given: {kind!r}"
+    )
+
+
+def _tool(raw: Any, index: int) -> dict[str, Any]:
+    """`{"type": "function", "function": {"name", "description"?, "parameters"?}}`
+    (TGI's alias `arguments` for `parameters` is read too)."""
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValidationError(f"tools[{index}]: needs `function` with a `name`")
+    if raw.get("type", "function") != "function":
+        raise ValidationError(f"tools[{index}]: `type` must be `function`")
+    params = fn.get("parameters", fn.get("arguments"))
+    params = ANY_OBJECT if params is None else params
+    if not isinstance(params, dict):
+        raise ValidationError(f"tools[{index}]: `parameters` must be a JSON schema object")
+    try:
+        jsonschema.Draft202012Validator.check_schema(params)
+    except jsonschema.SchemaError as exc:
+        raise ValidationError(
+            f"grammar is not valid: tool `{fn['name']}` parameters: {exc.message}"
+        ) from None
+    out = {"name": fn["name"], "parameters": params}
+    if fn.get("description") is not None:
+        out = {"name": fn["name"], "description": fn["description"], "parameters": params}
+    return {"type": "function", "function": out}
+
+
+def _choice(tool_choice: Any) -> str | tuple[str]:
+    """ "auto" | "none" | "required", or (name,): TGI's forms; any other string is a name."""
+    if tool_choice is None:
+        return "auto"
+    if isinstance(tool_choice, str):
+        return tool_choice if tool_choice in ("auto", "none", "required") else (tool_choice,)
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return (fn["name"],)
+    raise ValidationError(
+        "`tool_choice` must be `auto`, `none`, `required`, a function name or "
+        '`{"type": "function", "function": {"name": ...}}`'
+    )
+
+
+def tool_grammar(req: ChatRequest) -> tuple[Grammar | None, ToolPlan | None]:
+    """The model's tool call is `{"name": <a tool's name>, "arguments": <its parameters>}`,
+    one `anyOf` branch per tool; with `auto` it may answer in free text instead (a Lark
+    grammar: text that does not start like JSON, or the tool call)."""
+    choice = _choice(req.tool_choice)
+    if choice == "none" or (not req.tools and choice == "auto"):
+        return None, None
+    if not req.tools:
+        raise ToolError("`tool_choice` needs `tools`")
+    tools = [_tool(t, i) for i, t in enumerate(req.tools)]
+    if isinstance(choice, tuple):
+        (name,) = choice
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise ToolError(f"Tool with name {name} not found")
+    else:
+        chosen = tools
+    schema = tool_call_schema([t["function"] for t in chosen])
+    names = tuple(t["function"]["name"] for t in chosen)
+    prompt = TOOL_PROMPT if req.tool_prompt is None else req.tool_prompt
+    plan = ToolPlan(tools, names, choice == "auto", prompt)
+    if not plan.auto:
+        return GrammarSpec.json_schema(schema), plan
+    schema = {"x-guidance": JSON_OPTIONS, **schema}
+    lark = f"start: TEXT | call\n{_TEXT_RULE}\ncall: %json {json.dumps(schema)}\n"
+    return GrammarSpec.lark(lark), plan
+
+
+def tool_call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """anyOf `{"name": const, "arguments": parameters}`; each tool's `$defs` are lifted to the
+    root, where its `#/$defs/...` references point."""
+    defs: dict[str, Any] = {}
+    branches = []
+    for fn in functions:
+        params = dict(fn["parameters"])
+        defs.update(params.pop("$defs", None) or {})
+        branches.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema: dict[str, Any] = {"anyOf": branches} if len(branches) > 1 else branches[0]
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def generate_parameters(
@@ -51,7 +212,7 @@ def generate_parameters(
     max_new_tokens: int | None,
     top_n_tokens: int | None,
     decoder_input_details: bool = False,
-    grammar: GrammarType | None = None,
+    grammar: Grammar | None = None,
     repetition_penalty: float | None = None,
 ) -> GenerateParameters:
     """TGI's mapping: `temperature == 0` is greedy, anything else samples (temperature 1 by
@@ -59,7 +220,7 @@ def generate_parameters(
     keeps only the best token, i.e. greedy; greedy ignores `top_p`."""
     greedy = req.temperature == 0.0 or req.top_p == 0.0
     top_p = None if greedy or req.top_p == 1.0 else req.top_p
-    return GenerateParameters(
+    params = GenerateParameters(
         do_sample=not greedy,
         temperature=None if greedy else req.temperature,
         top_p=top_p,
@@ -71,8 +232,11 @@ def generate_parameters(
         top_n_tokens=top_n_tokens,
         details=True,
         decoder_input_details=decoder_input_details,
-        grammar=grammar,
+        grammar=grammar if isinstance(grammar, GrammarType) else None,
     )
+    if isinstance(grammar, GrammarSpec):  # chat-only grammars (any object, tools): compiled as is
+        params.grammar = grammar
+    return params
 
 
 def extras_of(req: _Sampling, vocab_size: int) -> Extras:
@@ -170,12 +334,23 @@ def template_messages(messages: list[ChatMessage], template: ct.ChatTemplate) ->
 
 
 def render_chat(
-    template: ct.ChatTemplate | Exception, messages: list[ChatMessage], tools: Any = None
+    template: ct.ChatTemplate | Exception,
+    messages: list[ChatMessage],
+    plan: ToolPlan | None = None,
 ) -> str:
-    """The prompt text; a missing or failing template is TGI's 422 `template_error`."""
+    """The prompt text; a missing or failing template is TGI's 422 `template_error`. Tools
+    are injected as TGI does: a template that mentions `tools` gets them and the last message
+    gets `"\n---\n" + tool_prompt`; otherwise the last message gets the tools as JSON too."""
     if isinstance(template, Exception):
         raise TemplateError(str(template))
     dicts = template_messages(messages, template)
+    tools = None
+    if plan is not None and dicts:
+        if template.uses_tools:
+            tools, extra = plan.tools, f"\n---\n{plan.prompt}"
+        else:
+            extra = f"\n---\n{json.dumps(plan.tools, ensure_ascii=False)}\n{plan.prompt}"
+        dicts[-1]["content"] += extra
     try:
         return template.apply(dicts, tools=tools)
     except ct.TemplateError as e:

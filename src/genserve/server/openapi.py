@@ -102,6 +102,13 @@ STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# a JSON body, or an SSE stream when the request asked for one (bodies not described here)
+ANY_JSON_OR_SSE = {
+    "description": "Generated",
+    "content": {JSON: {"schema": {}}, "text/event-stream": {"schema": {}}},
+}
+
+
 def json_or_stream(description: str, name: str, array: bool = False) -> dict[str, Any]:
     """A 200 that is JSON, or an SSE stream when the request asked for one."""
     ok = json_ref(description, name, array)

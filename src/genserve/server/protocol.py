@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -29,6 +29,20 @@ class GrammarType(_Request):
 
     type: Literal["json", "json_object", "json_schema", "regex"]
     value: Any
+
+    @model_validator(mode="after")
+    def _serde_shape(self) -> GrammarType:
+        """What serde refuses while deserializing: a non-string regex, a `json_schema` value
+        that is not `{"name"?, "schema", "strict"?}`."""
+        if self.type == "regex" and not isinstance(self.value, str):
+            raise ValueError("invalid type for `regex`: expected a string")
+        if self.type == "json_schema":
+            value = self.value
+            if not isinstance(value, dict) or "schema" not in value:
+                raise ValueError("missing field `schema`")
+            if not isinstance(value.get("name", ""), str | None):
+                raise ValueError("invalid type for `name`: expected a string")
+        return self
 
 
 class GenerateParameters(_Request):

@@ -93,7 +93,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: U32 | None = None
     logprobs: bool | None = None
     top_logprobs: U32 | None = None
-    # the structured-output issue gives these a meaning; until then they are refused
+    # structured output: read and checked by `openai_request.grammar_for` (TGI's forms and OpenAI's)
     response_format: Any = None
     tools: list[Any] | None = None
     tool_choice: Any = None

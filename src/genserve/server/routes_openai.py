@@ -28,7 +28,7 @@ from genserve.server.generation import GenerationService
 from genserve.server.openai_chat import chat_body, chat_stream
 from genserve.server.openai_completions import completion_body, completion_stream
 from genserve.server.openai_run import Choice, GuardedBody, Permits, new_choice, run_to_end
-from genserve.server.openapi import ERROR_RESPONSES, REF, body_ref
+from genserve.server.openapi import ANY_JSON_OR_SSE, ERROR_RESPONSES, REF, body_ref
 from genserve.server.protocol import GenerateRequest, SimpleToken
 from genserve.server.protocol_openai import (
     ChatRequest,
@@ -159,23 +159,25 @@ async def _json(
 # ------------------------------------------------------------------------------ chat
 
 
-def prepare_chat(request: Request, req: ChatRequest) -> tuple[str, GenerateRequest]:
-    """(prompt, GenerateRequest), or a 422 (template, tools, parameters)."""
+def prepare_chat(
+    request: Request, req: ChatRequest
+) -> tuple[str, GenerateRequest, oreq.ToolPlan | None]:
+    """(prompt, GenerateRequest, tool plan), or a 422 (template, tools, parameters)."""
     service = _service(request)
     try:
-        grammar = oreq.grammar_for(req)
-        prompt = oreq.render_chat(request.app.state.chat_template, req.messages)
+        grammar, plan = oreq.grammar_for(req)
+        prompt = oreq.render_chat(request.app.state.chat_template, req.messages, plan)
     except InferError as err:
         raise service.fail(err) from None
     top_n = req.top_logprobs if req.logprobs else None
     params = oreq.generate_parameters(req, req.max_new_tokens, top_n, grammar=grammar)
-    return prompt, GenerateRequest(inputs=prompt, parameters=params)
+    return prompt, GenerateRequest(inputs=prompt, parameters=params), plan
 
 
 async def chat(request: Request, req: ChatRequest, arrival: float) -> Response:
     service, settings = _service(request), _settings(request)
     service.metrics.request_count.inc()
-    prompt, gen_req = prepare_chat(request, req)
+    prompt, gen_req, plan = prepare_chat(request, req)
     try:
         extras = oreq.extras_of(req, _vocab_size(request))
     except InferError as err:
@@ -189,12 +191,12 @@ async def chat(request: Request, req: ChatRequest, arrival: float) -> Response:
     meta = ResponseMeta("chatcmpl", model, settings.docker_label)
     logprobs = bool(req.logprobs)
     if req.stream:
-        stream = chat_stream(service, meta, choices, logprobs, req.include_usage)
+        stream = chat_stream(service, meta, choices, logprobs, req.include_usage, plan)
         headers = stream_headers(prompt, settings.compute_type)
         return SSEResponse(GuardedBody(stream, permits), headers=headers)
     return await _json(
         request, choices, permits,
-        lambda: chat_body(meta, choices, logprobs),
+        lambda: chat_body(meta, choices, logprobs, plan),
         lambda: _headers(choices, settings.compute_type, sums_only=False),
     )  # fmt: skip
 
@@ -203,7 +205,7 @@ async def chat(request: Request, req: ChatRequest, arrival: float) -> Response:
     "/v1/chat/completions",
     summary="Generate tokens",
     openapi_extra=body_ref("ChatRequest"),
-    responses=ERROR_RESPONSES,
+    responses={200: ANY_JSON_OR_SSE, **ERROR_RESPONSES},  # JSON, or SSE if `stream`
 )
 async def chat_completions(request: Request) -> Response:
     arrival = time.perf_counter()
@@ -224,7 +226,7 @@ async def _invoke_chat(request: Request, obj: dict, arrival: float) -> Response:
 async def chat_tokenize(request: Request) -> Response:
     req = await read_json(request, ChatRequest, _settings(request).payload_limit)
     _service(request).metrics.request_count.inc()
-    prompt, _ = prepare_chat(request, req)
+    prompt, _, _ = prepare_chat(request, req)
     tokenizer = request.app.state.tokenizer
     enc = await asyncio.to_thread(tokenizer.encode_with_offsets, prompt, False)
     tokens = [
@@ -298,7 +300,7 @@ async def completion(request: Request, req: CompletionRequest, arrival: float) -
     "/v1/completions",
     summary="Complete text",
     openapi_extra=body_ref("CompletionRequest"),
-    responses=ERROR_RESPONSES,
+    responses={200: ANY_JSON_OR_SSE, **ERROR_RESPONSES},  # JSON, or SSE if `stream`
 )
 async def completions(request: Request) -> Response:
     arrival = time.perf_counter()

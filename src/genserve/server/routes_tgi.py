@@ -16,6 +16,7 @@ from genserve.server.errors import RequestBodyError
 from genserve.server.generation import GenerationService
 from genserve.server.metrics import CONTENT_TYPE
 from genserve.server.openapi import (
+    ANY_JSON_OR_SSE,
     ERROR_RESPONSES,
     STREAM_ERROR_RESPONSES,
     body_ref,
@@ -134,18 +135,11 @@ async def compat_generate(request: Request) -> Response:
     return await compat(request, req, arrival)
 
 
-# generate, chat or completions JSON, or any of their streams
-INVOCATION_OK = {
-    "description": "Generated",
-    "content": {"application/json": {}, "text/event-stream": {}},
-}
-
-
 @router.post(
     "/invocations",
     summary="Generate tokens from Sagemaker request",
     openapi_extra=body_ref("CompatGenerateRequest"),
-    responses={200: INVOCATION_OK, **ERROR_RESPONSES},
+    responses={200: ANY_JSON_OR_SSE, **ERROR_RESPONSES},  # generate, chat or completions
 )
 async def invocations(request: Request) -> Response:
     """An untagged union tried in TGI's order: generate (`inputs`), then the branches other

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from genserve.sampling.grammar import CompiledGrammar, GrammarCompiler
+from genserve.sampling.grammar_spec import GrammarError, GrammarSpec, from_tgi
 from genserve.sampling.params import SamplingParams, StoppingParams
 from genserve.server.errors import ValidationError
-from genserve.server.protocol import GenerateParameters, GenerateRequest
+from genserve.server.protocol import GenerateParameters, GenerateRequest, GrammarType
 
 DEFAULT_GENERATION_LENGTH = 1024
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0  # llguidance's limits bound compiles far below this
 
 Encode = Callable[[str, bool], list[int]]
 
@@ -63,9 +66,16 @@ class _Checked:
 
 
 class Validator:
-    def __init__(self, limits: ValidationLimits, encode: Encode, workers: int = 2) -> None:
+    def __init__(
+        self,
+        limits: ValidationLimits,
+        encode: Encode,
+        workers: int = 2,
+        grammars: GrammarCompiler | None = None,  # None: every grammar is refused
+    ) -> None:
         self.limits = limits
         self._encode = encode
+        self._grammars = grammars
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="validate")
 
     def close(self) -> None:
@@ -88,10 +98,7 @@ class Validator:
             ids, checked.truncate, params.max_new_tokens
         )
         if params.grammar is not None:
-            if self.limits.disable_grammar_support:
-                raise ValidationError("grammar is not supported")
-            # Never accepted and silently ignored: constrained decoding is not implemented yet.
-            raise ValidationError("grammar is not supported yet by this server")
+            checked.sampling.grammar = await self.compile_grammar(params.grammar)
         return ValidRequest(
             inputs=request.inputs,
             input_ids=input_ids,
@@ -108,6 +115,29 @@ class Validator:
             adapter_id=params.adapter_id,
             max_new_tokens_chunk=chunk,
         )
+
+    async def compile_grammar(self, grammar: GrammarType | GrammarSpec) -> CompiledGrammar:
+        """A grammar for `SamplingParams.grammar`: TGI's `GrammarType` (TGI's checks and
+        messages) or a `GrammarSpec` (chat: any JSON object, tool calls). Compiled in the
+        pool (cached specs return at once); every problem is a 422 naming it."""
+        compiler = self._grammars
+        if self.limits.disable_grammar_support or compiler is None:
+            raise ValidationError("grammar is not supported")
+
+        def build() -> CompiledGrammar:
+            if isinstance(grammar, GrammarSpec):
+                return compiler.compile(grammar)
+            return compiler.compile(from_tgi(grammar.type, grammar.value))
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, build)
+        try:
+            return await asyncio.wait_for(future, GRAMMAR_COMPILE_TIMEOUT_S)
+        except GrammarError as exc:
+            raise ValidationError(str(exc)) from None
+        except TimeoutError:
+            raise ValidationError(
+                f"grammar is not valid: it did not compile in {GRAMMAR_COMPILE_TIMEOUT_S:g} s"
+            ) from None
 
     def check_parameters(self, p: GenerateParameters, inputs: str) -> _Checked:
         """Steps 1-13 of `Validation::validate`, before tokenization."""
