@@ -156,12 +156,14 @@ class AsyncEngine:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    inbox, self._inbox = self._inbox, []
-                    aborts, self._aborts = self._aborts, []
-                for req in inbox:
-                    self._add(req)
-                for rid in aborts:
-                    self.engine.abort(rid)
+                    # handed over under the lock, so a request is always counted somewhere
+                    # (inbox or scheduler) by num_waiting / num_running
+                    for req in self._inbox:
+                        self._add(req)
+                    for rid in self._aborts:
+                        self.engine.abort(rid)
+                    self._inbox.clear()
+                    self._aborts.clear()
                 events = self.engine.step()
                 for listener in self.step_listeners:
                     listener(self.engine)
