@@ -9,11 +9,18 @@ request that completes its JSON is replaced at once, and only pure decode steps 
 Unconstrained rows sample with the same parameters and ignore EOS.
 
     python bench/grammar.py [--model-id DIR] [--dtype bfloat16] [--batch-sizes 1,32] [--steps 60]
+                            [--threads 1]
+
+On a shared 2-core machine, prefer `--threads 1`: with two intra-op threads every parallel
+torch op waits for a time slice on the other core whenever a neighbour holds it (~8-16 ms per
+op), which swamps the step times of both modes. The "grammar added" column (sampler and
+matcher time, guided minus plain) is the robust figure; whole-step differences are noisy.
 
 Engine choice (measured on this 2-core machine, SmolLM2 tokenizer, the same 20 schemas; cold
 compile / mean per-token mask time along a valid document):
-    llguidance 1.9.1     compile 0.5-6 ms (12 optional properties: 1.5-5.6 ms);
-                         mask 10-420 us mean, ~20 us median, bounded strings ~0.3-0.6 ms
+    llguidance 1.9.1     compile 0.4-2.6 ms (12 optional properties: 1.6 ms), first mask
+                         included; mask 10-420 us mean, ~20 us median, bounded strings
+                         (`maxLength`) ~0.3-0.6 ms, unbounded ones ~6 us
     outlines-core 0.2.14 compile 30-540 ms (12 optional properties: 1.3-1.5 s); mask ~1 us
                          (a precomputed index); refuses `allOf`, fails on `format: time`
     xgrammar 0.2.8       compile 0.5-330 ms (12 optional properties: 330 ms); mask 2-950 us

@@ -21,6 +21,7 @@ from genserve.sampling.grammar_spec import GrammarSpec
 from genserve.sampling.params import SamplingParams, StoppingParams
 
 MAX_NEW = 256  # far more than any test schema needs to close
+TOKENS: dict[str, list[int]] = {}  # generated ids by request id, filled by `run`
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,12 +43,17 @@ def make_engine(model_dir, num_blocks=1024, block_size=16) -> LLMEngine:
 
 
 def run(engine: LLMEngine, requests: list[Request]) -> dict[str, TokenEvent]:
+    """Final events by request id; `TOKENS[request_id]`: every generated id."""
     for r in requests:
         engine.add_request(r)
     finals: dict[str, TokenEvent] = {}
+    ids = TOKENS
+    for r in requests:
+        ids[r.request_id] = []
     while engine.has_unfinished():
         for ev in engine.step():
             assert ev.error is None, ev.error
+            ids[ev.request_id].append(ev.token_id)
             if ev.finished:
                 finals[ev.request_id] = ev
     bm = engine.block_manager
@@ -117,6 +123,7 @@ def test_mixed_batch_keeps_unconstrained_greedy_tokens(tiny):
         return Request(f"plain{i}", prompt, SamplingParams(), StoppingParams(24, ignore_eos=True))
 
     alone = run(engine, [plain(i) for i in range(4)])
+    alone_ids = {f"plain{i}": TOKENS.pop(f"plain{i}") for i in range(4)}
     grammar = compiler.compile(GrammarSpec.json_schema(SCHEMAS["nested_object"]))
     prompt = tok.encode("JSON:")
     mixed = [plain(i) for i in range(4)]
@@ -124,14 +131,10 @@ def test_mixed_batch_keeps_unconstrained_greedy_tokens(tiny):
     greedy = SamplingParams(grammar=grammar)  # a greedy constrained row too
     mixed.append(Request("g-greedy", prompt, greedy, StoppingParams(max_new_tokens=MAX_NEW)))
     together = run(engine, mixed)
+    assert set(together) >= set(alone)
     for i in range(4):
-        rid = f"plain{i}"
-        assert engine_tokens(together, rid) == engine_tokens(alone, rid)
+        assert TOKENS[f"plain{i}"] == alone_ids[f"plain{i}"]
     _check_json(together, "g-greedy", SCHEMAS["nested_object"])
-
-
-def engine_tokens(finals: dict[str, TokenEvent], rid: str) -> str:
-    return finals[rid].generated_text or ""
 
 
 def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny):
@@ -146,6 +149,7 @@ def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny):
         return [constrained(f"p{s}", prompt, grammar, s, max_new=120) for s in range(8)]
 
     big = run(big_engine, batch())
+    big_ids = {f"p{s}": TOKENS.pop(f"p{s}") for s in range(8)}
     small_engine = make_engine(tiny_llama_dir, num_blocks=40, block_size=4)
     preempted = []
     schedule = small_engine.scheduler.schedule
@@ -159,6 +163,7 @@ def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny):
     small = run(small_engine, batch())
     assert preempted, "the test cache was meant to force preemption"
     for s in range(8):
+        assert TOKENS[f"p{s}"] == big_ids[f"p{s}"]
         assert small[f"p{s}"].generated_text == big[f"p{s}"].generated_text
         _check_json(small, f"p{s}", SCHEMAS["array_of_objects"])
 
