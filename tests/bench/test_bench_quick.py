@@ -154,3 +154,16 @@ def test_tables_and_ratio() -> None:
     assert "2.50x (genserve-bf16 vs llama.cpp-f16; lower better)" in table
     assert "transformers: skipped: no" in table
     assert "| genserve-bf16 | sweep | c=4 |" in run_table(rows)
+
+
+def test_cut_off_requests_count_as_lower_bounds() -> None:
+    done = RequestRecord(8, 4, 0.0, [0.1, 0.2, 0.3, 0.4], 4, 0.4)
+    waiting = RequestRecord(8, 4, 0.0, cancelled=True)  # no token before the limit
+    row = summarize(RunOutcome([done, waiting], 0.0, 2.0, True))
+    assert row["completed"] == 1 and row["cancelled"] == 1
+    assert row["ttft_ms"]["censored"] == 1
+    assert row["ttft_ms"]["p99"] > 1900  # the waiting request is not left out
+    assert row["ttft_ms"]["lower_bounds"] == ["mean", "p50", "p90", "p99"]
+    assert "lower_bounds" not in row["itl_ms"]
+    row.update(server="s", workload="sweep", point="c=2")
+    assert ">=" in run_table([row])

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from genserve.bench.client import Target, make_session, send
-from genserve.bench.metrics import summarize
+from genserve.bench.metrics import raw_records, summarize
 from genserve.bench.prompts import PromptBuilder
+from genserve.bench.report import RAW_KEY
 from genserve.bench.runner import Progress, run_load
 from genserve.bench.servers import ServerProcess, ServerSpec, measure_cold_start, probe
 from genserve.bench.workloads import WORKLOADS, RunPlan, Scale, plans
@@ -116,6 +117,7 @@ async def run_plans(name: str, target: Target, todo: list[RunPlan], progress: bo
             "rate": plan.shape.rate,
             **summarize(outcome),
             "loadavg_1m_after": os.getloadavg()[0],  # other work on the machine skews numbers
+            RAW_KEY: raw_records(outcome),
         }
         logger.info(
             "%s: %.1f out tok/s, %d/%d ok",

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
+RAW_KEY = "_requests"  # per-request records in a row; written to a sidecar file, not the JSON
+
+
+class LowerBound(float):
+    """A statistic that counted cut-off requests at their bound: the true value is >= this."""
+
 
 # (label, getter, higher is better) for the comparison table, per workload
 _TOKS = ("out tok/s", lambda r: r.get("output_throughput"), True)
@@ -19,7 +25,14 @@ _OUTLEN = ("out tokens mean (asked)", lambda r: r.get("output_tokens_mean"), Non
 
 
 def _pct(key: str, p: str, label: str) -> tuple[str, Callable[[Row], Any], bool]:
-    return (label, lambda r: (r.get(key) or {}).get(p), False)
+    return (label, lambda r: stat(r, key, p), False)
+
+
+def stat(r: Row, key: str, p: str) -> float | None:
+    """`r[key][p]`, as a `LowerBound` when cut-off requests make it one."""
+    d = r.get(key) or {}
+    v = d.get(p)
+    return LowerBound(v) if v is not None and p in d.get("lower_bounds", ()) else v
 
 
 COMPARE_METRICS: dict[str, list[tuple[str, Callable[[Row], Any], bool | None]]] = {
@@ -68,7 +81,8 @@ def fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        text = f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return (">=" + text) if isinstance(v, LowerBound) else text
     return str(v)
 
 
@@ -98,8 +112,7 @@ def run_table(rows: list[Row]) -> str:
 
 def _run_cells(r: Row) -> list[str]:
     def three(key: str) -> str:
-        d = r.get(key) or {}
-        return "/".join(fmt(d.get(p)) for p in ("p50", "p90", "p99"))
+        return "/".join(fmt(stat(r, key, p)) for p in ("p50", "p90", "p99"))
 
     asked = f"{fmt(r.get('output_tokens_mean'))} ({fmt(r.get('requested_output_mean'))})"
     cut = f" (+{r['cancelled']} cut off" if r.get("cancelled") else ""
@@ -160,7 +173,9 @@ def _ratio(vals: dict[str, Any], ours: list[str], peers: list[str], higher: bool
     if not theirs[s_peer]:
         return "-"
     arrow = "higher better" if higher else "lower better"
-    return f"{mine[s_mine] / theirs[s_peer]:.2f}x ({s_mine} vs {s_peer}; {arrow})"
+    bound = isinstance(mine[s_mine], LowerBound) or isinstance(theirs[s_peer], LowerBound)
+    note = ", a bound involved" if bound else ""
+    return f"{mine[s_mine] / theirs[s_peer]:.2f}x ({s_mine} vs {s_peer}; {arrow}{note})"
 
 
 def _prefix_effect(index: dict, servers: list[str]) -> list[list[str]]:
@@ -177,10 +192,21 @@ def _prefix_effect(index: dict, servers: list[str]) -> list[list[str]]:
     return [["shared-prefix", "shared/unique", "TTFT p50 ratio", *cells, ""]]
 
 
-def write_json(path: str | Path, rows: list[Row], servers: dict[str, str], meta: dict) -> None:
-    doc = {"meta": {**machine_info(), **meta}, "servers": servers, "rows": rows}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+def write_json(path: str | Path, rows: list[Row], servers: dict[str, str], meta: dict) -> Path:
+    """The summary document at `path`; every request of every run, one JSON line per run, in
+    `<path stem>.requests.jsonl` beside it. Returns the sidecar's path."""
+    path = Path(path)
+    summary = [{k: v for k, v in r.items() if k != RAW_KEY} for r in rows]
+    doc = {"meta": {**machine_info(), **meta}, "servers": servers, "rows": summary}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    sidecar = path.with_name(path.stem + ".requests.jsonl")
+    with open(sidecar, "w") as f:
+        for r in rows:
+            if RAW_KEY in r:
+                key = {k: r[k] for k in ("server", "workload", "point", "duration_s")}
+                f.write(json.dumps({**key, "requests": r[RAW_KEY]}) + "\n")
+    return sidecar
 
 
 def machine_info() -> dict[str, Any]:

@@ -92,7 +92,7 @@ class FusedDecode:
 
     # Past this many rows the step is compute- rather than bandwidth-bound, and PyTorch's
     # AMX matmuls beat the kernel's AVX512 dot products.
-    MAX_ROWS = 16
+    MAX_ROWS = 8
 
     @classmethod
     def supports(cls, ctx: ForwardContext) -> bool:
