@@ -150,15 +150,16 @@ def _check_tensor_types(checkpoint: GGUFCheckpoint) -> None:
         if qtype in seen:
             continue
         seen.add(qtype)
+        unsupported = GGUFError(
+            f"{checkpoint.path}: tensor {tensor.name} has unsupported type {qtype.name}"
+        )
+        if tensor.data.dtype != np.uint8:  # integer tensors: not weights we can use
+            raise unsupported
+        block = tensor.data.reshape(-1)[: gguf.GGML_QUANT_SIZES[qtype][1]]
         try:
-            if tensor.data.dtype != np.uint8:  # integer tensors: not weights we can use
-                raise NotImplementedError
-            block = tensor.data.reshape(-1)[: gguf.GGML_QUANT_SIZES[qtype][1]]
             gguf.quants.dequantize(block, qtype)
-        except NotImplementedError:
-            raise GGUFError(
-                f"{checkpoint.path}: tensor {tensor.name} has unsupported type {qtype.name}"
-            ) from None
+        except NotImplementedError:  # the gguf package's answer for a type it cannot decode
+            raise unsupported from None
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
