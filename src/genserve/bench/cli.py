@@ -32,6 +32,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help=f"start each peer in turn, same weights (default: {','.join(PEERS)})",
     )
     where.add_argument("--quick", action="store_true", help="a few seconds against --model-id (CI)")
+    where.add_argument("--from-json", help="no run: print the tables (and --plot) of a --json file")
     p.add_argument("--api", choices=APIS, default="tgi", help="API of --url")
     p.add_argument("--model", default="tgi", help="OpenAI `model` field for --url")
     p.add_argument(

@@ -4,6 +4,7 @@ run them, print the tables, write the JSON and the PNG."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import tempfile
@@ -25,6 +26,8 @@ def run_command(args: argparse.Namespace) -> int:
     # server this run started is stopped by its context manager rather than left behind
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _interrupted)
+    if args.from_json:
+        return _from_json(args)
     scale = _scale(args)
     workloads = _workloads(args)
     tok = _tokenizer(args)
@@ -60,6 +63,20 @@ def run_command(args: argparse.Namespace) -> int:
 
         plot(rows, names, args.plot, title=f"genserve bench: {', '.join(workloads)}")
         logger.info("wrote %s", args.plot)
+    return 0
+
+
+def _from_json(args: argparse.Namespace) -> int:
+    doc = json.loads(Path(args.from_json).read_text())
+    rows, names = doc["rows"], list(doc["servers"])
+    print(report.run_table(rows))
+    if len(names) > 1:
+        print()
+        print(report.compare_table(rows, names))
+    if args.plot:
+        from genserve.bench.plot import plot
+
+        plot(rows, names, args.plot, title=f"genserve bench: {', '.join(doc['meta']['workloads'])}")
     return 0
 
 
