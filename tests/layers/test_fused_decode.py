@@ -21,13 +21,14 @@ pytestmark = pytest.mark.skipif(
 def _runner(path, dtype, native):
     cfg = load_config(path)
     model = load_model(path, dtype, cfg)
-    return ModelRunner(model, cfg, CacheConfig(block_size=4, num_blocks=128), dtype, native)
+    return ModelRunner(model, cfg, CacheConfig(block_size=4, num_blocks=512), dtype, native)
 
 
-def _decode_logits(runner, steps=6):
-    """Prefill 3 prompts, then decode `steps` steps feeding fixed tokens; logits per step."""
+def _decode_logits(runner, steps=6, rows=3):
+    """Prefill `rows` prompts, then decode `steps` steps feeding fixed tokens; logits per step."""
     reqs = [
-        Request(str(i), [(37 * i + 11 * j) % 1000 + 5 for j in range(6 + 9 * i)]) for i in range(3)
+        Request(str(i), [(37 * i + 11 * j) % 1000 + 5 for j in range(6 + 9 * (i % 4))])
+        for i in range(rows)
     ]
     nxt = 1
     for r in reqs:
@@ -44,14 +45,18 @@ def _decode_logits(runner, steps=6):
     return torch.stack(out)
 
 
+# 3 rows: the fused layer kernel; 12 rows (past FusedDecode.MAX_ROWS): PyTorch with prepacked
+# linear weights and the native paged attention kernel
+@pytest.mark.parametrize("rows", [3, 12])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch):
+def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
     assert fused_runner.fused is not None
-    fused = _decode_logits(fused_runner)
-    torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False))
-    exact = _decode_logits(_runner(path, torch.float32, native=False))
+    assert fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
+    fused = _decode_logits(fused_runner, rows=rows)
+    torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows)
+    exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows)
     err_fused = (fused - exact).abs().mean().item()
     err_torch = (torch_bf16 - exact).abs().mean().item()
     assert err_fused <= 1.5 * err_torch + 1e-3, (err_fused, err_torch)

@@ -16,7 +16,9 @@ import torch
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from genserve.kernels import load_decode_bf16, native_enabled
 from genserve.layers.fused_decode import FusedDecode
+from genserve.layers.packed_linear import pack_linear_weights, packing_supported
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,10 @@ class ModelRunner:
         self.cfg = cfg
         self.dtype = dtype
         self.block_size = cache.block_size
+        # before sizing the KV cache from free memory: the packed copy takes its share first
+        self.packed_bytes = 0
+        if native_kernels and native_enabled() and packing_supported(dtype):
+            self.packed_bytes = pack_linear_weights(model, available_memory_bytes() // 4)
         self.num_blocks = num_kv_blocks(cfg, cache, dtype)
         shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -78,8 +84,12 @@ class ModelRunner:
             k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
-        # bf16 pure-decode steps run through the fused native layer kernel when available
+        # bf16 pure-decode steps of few rows run through the fused native layer kernel; bf16
+        # decode rows of larger batches use the native paged attention kernel (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
+        lib = load_decode_bf16() if native_kernels and dtype == torch.bfloat16 else None
+        for layer in model.model.layers:
+            layer.self_attn.attn.native = lib
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
             self.num_blocks,

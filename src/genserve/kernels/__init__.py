@@ -61,9 +61,14 @@ def _build(source: Path) -> Path | None:
     return target
 
 
+def native_enabled() -> bool:
+    """GENSERVE_NATIVE_KERNELS=0 turns off every native path (kernels and weight prepacking)."""
+    return os.environ.get("GENSERVE_NATIVE_KERNELS", "1") != "0"
+
+
 @cache
 def load_decode_bf16() -> ctypes.CDLL | None:
-    if os.environ.get("GENSERVE_NATIVE_KERNELS", "1") == "0":
+    if not native_enabled():
         return None
     if not cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_bf16"):
         return None

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
@@ -301,4 +302,222 @@ void genserve_decode_layer_bf16(const LayerWeights *w, bf16 *x, int T, const flo
         }
         gemm_omp(w->down, NULL, s->act, I, x, hid, T, hid, I, OUT_ADD_BF16);
     }
+}
+
+/* ------------------------------------------------------------ batched paged decode attention */
+
+/* Grows a per-thread fp32 buffer; never shrinks (one per OpenMP thread, reused every step). */
+static float *thread_buffer(size_t n) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+/* The G query heads that share KV head `kvh` of row t: K and V are read once for the group.
+ * Two passes (scores, then softmax(scores) V) in fp32, output rounded once to bf16. */
+static void attend_group(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores, float *acc,
+                         int t, int kvh, int G) {
+    const int d = a->head_dim, bs = a->block_size, KVH = a->num_kv_heads;
+    const int64_t len = a->context_lens[t];
+    const int64_t *table = a->block_tables + (int64_t)t * a->max_blocks;
+    float mx[64];
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+    for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t base = table[j0 / bs] * bs;
+        const int64_t n = len - j0 < bs ? len - j0 : bs;
+        for (int64_t jj = 0; jj < n; jj++) {
+            const bf16 *k = a->k_cache + ((base + jj) * KVH + kvh) * d;
+            for (int g = 0; g < G; g++) {
+                const float s = dot_bf16(q + (int64_t)g * d, k, d) * a->scale;
+                scores[(int64_t)g * len + j0 + jj] = s;
+                mx[g] = s > mx[g] ? s : mx[g];
+            }
+        }
+    }
+    float inv[64];
+    for (int g = 0; g < G; g++) {
+        float *sg = scores + (int64_t)g * len, sum = 0.0f;
+        for (int64_t j = 0; j < len; j++) {
+            sg[j] = expf(sg[j] - mx[g]);
+            sum += sg[j];
+        }
+        inv[g] = 1.0f / sum;
+    }
+    for (int i = 0; i < G * d; i++) acc[i] = 0.0f;
+    float vf[256];
+    for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t base = table[j0 / bs] * bs;
+        const int64_t n = len - j0 < bs ? len - j0 : bs;
+        for (int64_t jj = 0; jj < n; jj++) {
+            const bf16 *v = a->v_cache + ((base + jj) * KVH + kvh) * d;
+            for (int i = 0; i < d; i++) vf[i] = bf2f(v[i]);
+            for (int g = 0; g < G; g++) {
+                const float p = scores[(int64_t)g * len + j0 + jj];
+                float *ag = acc + (int64_t)g * d;
+                for (int i = 0; i < d; i++) ag[i] += p * vf[i];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < d; i++) out[(int64_t)g * d + i] = f2bf(acc[(int64_t)g * d + i] * inv[g]);
+}
+
+/* exp on 16 lanes for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial on
+ * x - n ln2, scaled by 2^n; relative error ~1e-7, far below the bf16 rounding of the output. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Horizontal sums of 16 vectors at once: out[i] = sum of v[i]'s lanes (a transpose-add tree:
+ * 15 shuffles and adds per level instead of a full reduction per vector). */
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __m512 load_bf16x16(const bf16 *p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* attend_group for head_dim a multiple of 32 (up to 256) and G <= 16, vectorised: scores for
+ * 16 keys at a time, softmax with exp512, V accumulated in fp32 vectors. `scores` holds G rows
+ * of `lenp` (len rounded up to 16) floats. Same math as attend_group (fp32, one rounding). */
+static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores,
+                                int64_t lenp, int t, int kvh, int G) {
+    const int d = a->head_dim, bs = a->block_size, KVH = a->num_kv_heads;
+    const int nd = d / 32, nv = d / 16;
+    const int64_t len = a->context_lens[t];
+    const int64_t *table = a->block_tables + (int64_t)t * a->max_blocks;
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    __m512 mx[16];
+    for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const int n = len - j0 < 16 ? (int)(len - j0) : 16;
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        const bf16 *kp[16];
+        for (int jj = 0; jj < 16; jj++) {
+            const int64_t j = j0 + (jj < n ? jj : 0);
+            kp[jj] = a->k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d;
+        }
+        /* the next chunk's keys are in other blocks of the table: fetch them while this one computes */
+        for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++) {
+            const char *p = (const char *)(a->k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d);
+            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        for (int g = 0; g < G; g++) {
+            const bf16 *qg = q + (int64_t)g * d;
+            __m512 v[16];
+            for (int jj = 0; jj < 16; jj++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int c = 0; c < nd; c++)
+                    acc = _mm512_dpbf16_ps(acc, load_bh(qg + 32 * c, ~0u), load_bh(kp[jj] + 32 * c, ~0u));
+                v[jj] = acc;
+            }
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m,
+                                                _mm512_mul_ps(reduce16(v), scale));
+            _mm512_storeu_ps(scores + (int64_t)g * lenp + j0, s);
+            mx[g] = _mm512_max_ps(mx[g], s);
+        }
+    }
+    float inv[16];
+    for (int g = 0; g < G; g++) {
+        const __m512 gmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
+        float *sg = scores + (int64_t)g * lenp;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < len; j0 += 16) {
+            const int n = len - j0 < 16 ? (int)(len - j0) : 16;
+            const __mmask16 m = (__mmask16)((1u << n) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j0), gmax)));
+            _mm512_storeu_ps(sg + j0, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[256];
+    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *v = a->v_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d;
+        if (j + 8 < len) {
+            const int64_t jn = j + 8;
+            const char *p = (const char *)(a->v_cache + ((table[jn / bs] * bs + jn % bs) * KVH + kvh) * d);
+            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        __m512 vf[16];
+        for (int c = 0; c < nv; c++) vf[c] = load_bf16x16(v + 16 * c);
+        for (int g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(scores[(int64_t)g * lenp + j]);
+            for (int c = 0; c < nv; c++) acc[g * nv + c] = _mm512_fmadd_ps(p, vf[c], acc[g * nv + c]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m512 s = _mm512_set1_ps(inv[g]);
+        for (int c = 0; c < nv; c++)
+            _mm256_storeu_si256((__m256i *)(out + (int64_t)g * d + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + c], s)));
+    }
+}
+
+/* q, out: [T, H, D] contiguous bf16; caches [slots, KVH, D]; returns 0, or -1 when a thread
+ * buffer could not be allocated or the head layout is unsupported (caller falls back). */
+int genserve_paged_decode_attention_bf16(const bf16 *q, bf16 *out, const bf16 *k_cache,
+                                         const bf16 *v_cache, const int64_t *block_tables,
+                                         int max_blocks, const int64_t *context_lens,
+                                         int64_t max_context, int T, int H, int KVH, int D,
+                                         int block_size, float scale) {
+    const int G = H / KVH;
+    if (G > 64 || D > 256 || H % KVH) return -1;
+    const AttnArgs aa = {k_cache, v_cache, block_tables, context_lens, max_blocks, block_size,
+                         H, KVH, D, scale};
+    int failed = 0;
+#pragma omp parallel
+    {
+        const int vec = D % 32 == 0 && G <= 16;
+        const int64_t lenp = (max_context + 15) / 16 * 16;
+        float *buf = thread_buffer((size_t)G * lenp + (size_t)G * D);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic)
+        for (int i = 0; i < T * KVH; i++) {
+            if (!buf) continue;
+            const int t = i % T, kvh = i / T;
+            const int64_t off = ((int64_t)t * H + (int64_t)kvh * G) * D;
+            if (vec)
+                attend_group_avx512(&aa, q + off, out + off, buf, lenp, t, kvh, G);
+            else
+                attend_group(&aa, q + off, out + off, buf + (size_t)G * D, buf, t, kvh, G);
+        }
+    }
+    return failed ? -1 : 0;
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
+        # the native kernel library (kernels/decode_bf16.c) for bf16 decode rows, bound by the
+        # model runner when native kernels are enabled; None runs SDPA over gathered blocks
+        self.native: ctypes.CDLL | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
@@ -51,6 +56,10 @@ class PagedAttention(nn.Module):
         GQA without copying K/V: the G query heads sharing a KV head become G "query rows" of
         that head (HF layout: query head h reads KV head h // G)."""
         assert ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
+        if self.native is not None and q.dtype == torch.bfloat16:
+            out = self._decode_native(q, ctx)
+            if out is not None:
+                return out
         n, s = q.shape[0], ctx.decode_max_context
         group = self.num_heads // self.num_kv_heads
         k = self._gather(self.k_cache, ctx.decode_block_tables, s).transpose(1, 2)
@@ -64,6 +73,22 @@ class PagedAttention(nn.Module):
             scale=self.scale,
         )  # [N, KVH, G, D]
         return o.reshape(n, self.num_heads, self.head_dim)
+
+    def _decode_native(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """Reads K/V straight from the blocks: no gather copy, each KV head read once per row."""
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
+        p = ctypes.c_void_p
+        rc = self.native.genserve_paged_decode_attention_bf16(
+            p(q.data_ptr()), p(out.data_ptr()), p(self.k_cache.data_ptr()),
+            p(self.v_cache.data_ptr()), p(tables.data_ptr()), ctypes.c_int(tables.shape[1]),
+            p(lens.data_ptr()), ctypes.c_int64(ctx.decode_max_context), ctypes.c_int(q.shape[0]),
+            ctypes.c_int(self.num_heads), ctypes.c_int(self.num_kv_heads),
+            ctypes.c_int(self.head_dim), ctypes.c_int(self.k_cache.shape[1]),
+            ctypes.c_float(self.scale),
+        )  # fmt: skip
+        return out if rc == 0 else None
 
     def _prefill(
         self,

@@ -14,6 +14,7 @@ from genserve.config import ModelConfig
 from genserve.engine.forward_context import get_forward_context
 from genserve.layers.attention import PagedAttention
 from genserve.layers.basic import RMSNorm, RotaryEmbedding, silu_and_mul
+from genserve.layers.packed_linear import PACKED_MAX_ROWS, Linear, packed_linear
 
 
 class LlamaAttention(nn.Module):
@@ -24,10 +25,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -52,8 +53,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -134,10 +135,17 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos_sin)
         return self.model.norm(x)
 
+    # oneDNN-prepacked output projection, set by layers.packed_linear.pack_linear_weights
+    packed_lm_head: torch.Tensor | None = None
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.packed_lm_head is not None and hidden.shape[0] <= PACKED_MAX_ROWS:
+            return packed_linear(hidden, self.packed_lm_head).float()
+        return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
 
 
 # HF architecture name -> model class. Mistral, Qwen2, Qwen3 and SmolLM share the Llama decoder.
