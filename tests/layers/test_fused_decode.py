@@ -53,7 +53,9 @@ def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
     assert fused_runner.fused is not None
-    assert fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
+    assert (
+        fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
+    )
     fused = _decode_logits(fused_runner, rows=rows)
     torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows)
     exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows)
