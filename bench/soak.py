@@ -99,6 +99,7 @@ def _stats(app: Any, engine: Any, timeout: float = 60.0) -> dict:
             "usable_blocks": bm.num_usable_blocks,
             "engine_live": len(inner._live),
             "permits_in_use": app.state.service.permits.in_use,
+            "permits_reserved": app.state.service.permits.reserved,
             "queued_tokens": app.state.service.queued_tokens.queued,
             "inflight": app.state.lifecycle.inflight,
         }
@@ -147,7 +148,14 @@ def _clean(stats: dict) -> bool:
         stats["integrity"] == "ok"
         and stats["used_blocks"] == 0
         and not any(
-            stats[k] for k in ("engine_live", "permits_in_use", "queued_tokens", "inflight")
+            stats[k]
+            for k in (
+                "engine_live",
+                "permits_in_use",
+                "permits_reserved",
+                "queued_tokens",
+                "inflight",
+            )
         )
     )
 

@@ -51,7 +51,7 @@ class Served:
 
 @contextmanager
 def reliable_server(
-    model_dir: Path, engine_kw: dict | None = None, **settings: Any
+    model_dir: Path, engine_kw: dict | None = None, http_parser: str = "auto", **settings: Any
 ) -> Iterator[Served]:
     engine = make_engine(model_dir, **{**SMALL_CACHE, **(engine_kw or {})})
     max_total = settings.pop("max_total_tokens", 256)
@@ -62,6 +62,7 @@ def reliable_server(
         "127.0.0.1",
         free_port(),
         read_timeout=app.state.settings.request_read_timeout,
+        http_parser=http_parser,
         log_level="warning",
         lifespan="on",
     )
@@ -105,6 +106,7 @@ def assert_clean(served: Served, timeout: float = 30.0) -> None:
         assert bm.num_free_blocks == bm.num_usable_blocks
         assert not inner._live, "per-request engine state leaked"
     assert served.service.permits.in_use == 0, "concurrency permits leaked"
+    assert served.service.permits.reserved == 0, "load-shedding reservations leaked"
     assert served.service.queued_tokens.queued == 0, "queued-token budget leaked"
 
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from reliability_util import assert_clean, reliable_server
+from reliability_util import assert_clean, reliable_server, wait_until
 
 KEY = "Secret-Key-123"
 ORIGIN = "https://allowed.example"
@@ -17,10 +17,12 @@ READ_TIMEOUT = 1.0
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir):
+# httptools (the default) and the pure-Python h11 fallback enforce the same limits
+@pytest.fixture(scope="module", params=["auto", "h11"])
+def served(tiny_llama_dir, request):
     with reliable_server(
         tiny_llama_dir,
+        http_parser=request.param,
         payload_limit=100_000,
         request_read_timeout=READ_TIMEOUT,
         api_key=KEY,
@@ -196,3 +198,92 @@ def test_cors_as_configured(served):
 
 def test_nothing_leaked(served):
     assert_clean(served)
+
+
+def _exchange(sock: socket.socket, request: bytes) -> tuple[bytes, dict, bytes]:
+    """One request on an open keep-alive connection: (status line, headers, body)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower().decode(): v.strip().decode() for k, v in
+               (line.split(b":", 1) for line in lines[1:])}  # fmt: skip
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return lines[0], headers, body
+
+
+def _post(path: str, payload: dict, extra: dict) -> bytes:
+    body = json.dumps(payload).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n{head}\r\n"
+    ).encode() + body
+
+
+@pytest.fixture()
+def full(served):
+    """Every concurrency permit taken (set on the server's loop, where permits live)."""
+    permits = served.service.permits
+    saved = permits.in_use
+    served.on_loop(lambda: setattr(permits, "in_use", permits.limit))
+    wait_until(lambda: permits.in_use == permits.limit, 10, "permits taken")
+    yield
+    served.on_loop(lambda: setattr(permits, "in_use", saved))
+    wait_until(lambda: permits.in_use == saved, 10, "permits back")
+
+
+def test_overload_refusal_keeps_the_connection(served, full):
+    """Over the cap the refusal comes before the body is read (by the HTTP protocol itself
+    under httptools): TGI's 429 JSON with Retry-After, the body read and dropped, and the
+    same connection serves the next request."""
+    payload = {"inputs": "x" * 50_000, "parameters": {"max_new_tokens": 1}}
+    state, answered = served.app.state, []
+    fast = state.fast_shed
+    state.fast_shed = lambda *a: answered.append(reply := fast(*a)) or reply
+    try:
+        _refusals(served, payload)
+    finally:
+        state.fast_shed = fast
+    # under httptools the protocol answered the three refusals; under h11 the ASGI middleware
+    httptools = served.server.config.http.__name__ == "TimedHttpToolsProtocol"
+    assert sum(isinstance(r, bytes) for r in answered) == (3 if httptools else 0)
+
+
+def _refusals(served, payload: dict) -> None:
+    with socket.create_connection(("127.0.0.1", served.port)) as s:
+        s.settimeout(30)
+        for path in ("/generate", "/v1/completions", "/generate"):
+            body = payload if path == "/generate" else {"prompt": "hi", "max_tokens": 1}
+            status, headers, reply = _exchange(s, _post(path, body, AUTH))
+            assert status == b"HTTP/1.1 429 Too Many Requests", (path, status)
+            assert json.loads(reply) == {"error": "Model is overloaded", "error_type": "overloaded"}
+            assert headers["retry-after"] == "1"
+        # what the ASGI app would answer first still comes first
+        status, _, _ = _exchange(s, _post("/generate", payload, {}))  # no key: 401
+        assert status.startswith(b"HTTP/1.1 401")
+        status, headers, _ = _exchange(s, _post("/generate", payload, {**AUTH, "Origin": ORIGIN}))
+        assert (
+            status.startswith(b"HTTP/1.1 429") and headers["access-control-allow-origin"] == ORIGIN
+        )
+        status, _, _ = _exchange(s, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200")  # the connection is still in sync
+
+
+def test_overload_refusals_are_counted(served, full):
+    def refused() -> float:
+        text = httpx.get(f"{served.url}/metrics", timeout=30).text
+        lines = [
+            x for x in text.splitlines() if x.startswith('tgi_request_failure{err="overloaded"}')
+        ]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = refused()
+    with socket.create_connection(("127.0.0.1", served.port)) as s:
+        s.settimeout(30)
+        for _ in range(3):
+            _exchange(s, _post("/generate", {"inputs": "hi"}, AUTH))
+    assert refused() == before + 3

@@ -6,6 +6,7 @@ only generously (a shared 2-core machine)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 
@@ -21,7 +22,10 @@ from genserve.server.generation import QueuedTokens
 
 CAP = 4
 N_OVER = 40
-GENEROUS_S = 5.0  # the target is 50 ms; only a broken server misses this
+# The target is 50 ms for every refusal (bench/overload.py measures it in a quiet process: 872
+# at once, all within 50 ms). Here client, server and engine share one process and a loaded CI
+# machine, so only a broken server misses this bound.
+GENEROUS_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +34,43 @@ def served(tiny_llama_dir):
         yield s
 
 
-async def _timed_post(client: httpx.AsyncClient, body: dict) -> tuple[float, httpx.Response]:
-    t0 = time.perf_counter()
-    r = await client.post("/generate", json=body)
-    return time.perf_counter() - t0, r
+async def _burst_429(
+    url: str, n: int, max_new_tokens: int = 5
+) -> list[tuple[float, int, dict, bytes]]:
+    """`n` connections opened first, then one request written on each at once; each timed
+    from its write to its whole response (raw sockets: httpx's own cost stays out)."""
+    host, port = url.removeprefix("http://").split(":")
+    params = {"max_new_tokens": max_new_tokens}
+    body = json.dumps({"inputs": "Over the cap", "parameters": params}).encode()
+    raw = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    conns = await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(n)))
+    sent = []
+    for _, writer in conns:
+        writer.write(raw)
+        sent.append(time.perf_counter())
+
+    async def finish(i: int) -> tuple[float, int, dict, bytes]:
+        reader, writer = conns[i]
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        reply = await reader.readexactly(int(headers["content-length"]))
+        took = time.perf_counter() - sent[i]
+        writer.close()
+        return took, status, headers, reply
+
+    return await asyncio.gather(*(finish(i) for i in range(n)))
 
 
 def test_concurrency_cap_answers_429_fast(served, record_property):
     async def go() -> tuple[list, list]:
         hold = {"inputs": "Hold a permit", "parameters": {"max_new_tokens": 200}}
-        limits = httpx.Limits(max_connections=CAP + N_OVER + 8)
+        limits = httpx.Limits(max_connections=CAP + 8)
         async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=limits) as client:
             holders = [
                 asyncio.ensure_future(read_stream(client, "/generate_stream", hold))
@@ -48,8 +79,8 @@ def test_concurrency_cap_answers_429_fast(served, record_property):
             await asyncio.to_thread(
                 wait_until, lambda: served.service.permits.in_use == CAP, 60, "permits"
             )
+            over = await _burst_429(served.url, N_OVER)
             body = {"inputs": "Over the cap", "parameters": {"max_new_tokens": 5}}
-            over = await asyncio.gather(*(_timed_post(client, body) for _ in range(N_OVER)))
             streams = await asyncio.gather(
                 *(read_stream(client, "/generate_stream", body) for _ in range(4))
             )
@@ -59,11 +90,11 @@ def test_concurrency_cap_answers_429_fast(served, record_property):
         return over, streams
 
     over, streams = asyncio.run(go())
-    latencies = sorted(t for t, _ in over)
-    for _, r in over:
-        assert r.status_code == 429
-        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-        assert int(r.headers["retry-after"]) >= 1
+    latencies = sorted(t for t, *_ in over)
+    for _, status, headers, reply in over:
+        assert status == 429
+        assert json.loads(reply) == {"error": "Model is overloaded", "error_type": "overloaded"}
+        assert int(headers["retry-after"]) >= 1
     for events in streams:  # TGI: overload inside the stream, as an SSE error event
         assert events == [{"error": "Model is overloaded", "error_type": "overloaded"}]
     p50, worst = statistics.median(latencies), latencies[-1]
@@ -74,6 +105,24 @@ def test_concurrency_cap_answers_429_fast(served, record_property):
     assert_clean(served)
     r = httpx.post(f"{served.url}/generate", json={"inputs": "Hi", "parameters": {}}, timeout=60)
     assert r.status_code == 200  # healthy after
+
+
+def test_simultaneous_arrivals_admitted_in_order(served):
+    """With every permit free, 40 requests that arrive together: exactly CAP are admitted
+    (load shedding counts the ones on their way to a permit) and the rest get their 429 at
+    once, not after racing to their handlers; nothing is left reserved."""
+    state, answered = served.app.state, []
+    fast = state.fast_shed
+    state.fast_shed = lambda *a: answered.append(reply := fast(*a)) or reply
+    try:
+        over = asyncio.run(_burst_429(served.url, 40, max_new_tokens=120))
+    finally:
+        state.fast_shed = fast
+    codes = sorted(status for _, status, *_ in over)
+    assert codes == [200] * CAP + [429] * (40 - CAP), codes
+    # every refusal given by the HTTP protocol on arrival (none by a handler)
+    assert sum(isinstance(r, bytes) for r in answered) == 40 - CAP
+    assert_clean(served)
 
 
 def test_queued_tokens_bound(served, tiny_llama_dir):

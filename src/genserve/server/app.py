@@ -8,6 +8,7 @@ traceback goes to the log, never into a body).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from genserve.server.openapi import build_openapi
 from genserve.server.routes_openai import install as install_openai
 from genserve.server.routes_tgi import router as tgi_router
 from genserve.server.settings import ServerSettings
-from genserve.server.shedding import ShedMiddleware
+from genserve.server.shedding import FastShed, ShedMiddleware
 from genserve.server.validation import Validator
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,15 @@ async def _call(obj: Any, *names: str, in_thread: bool = False) -> None:
         else:
             fn()
         return
+
+
+def freeze_startup_heap() -> None:
+    """Moves everything alive after start-up (model modules, tokenizer tables, routes, schemas)
+    out of the garbage collector's reach: a full collection then scans only what requests
+    create. Without it a collection scanned the whole heap, pausing the event loop and the
+    engine for 150-190 ms now and then (measured with `bench/overload.py`)."""
+    gc.collect()
+    gc.freeze()
 
 
 def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> FastAPI:
@@ -84,6 +94,7 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _call(engine, "start")
+        freeze_startup_heap()
         try:
             yield
         finally:
@@ -98,6 +109,8 @@ def build_app(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> F
         openapi_url="/api-doc/openapi.json",
     )
     app.state.engine = engine
+    # the same refusal, given by the HTTP protocol itself before any ASGI work (limits.py)
+    app.state.fast_shed = FastShed(service, lifecycle, settings.api_key, RETRY_AFTER_S)
     app.state.settings = settings
     app.state.service = service
     app.state.lifecycle = lifecycle

@@ -36,7 +36,12 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                return hmac.compare_digest(value.decode("latin-1").lower().encode(), self.expected)
-        return False
+        return key_matches(scope.get("headers", []), self.expected)
+
+
+def key_matches(headers: list[tuple[bytes, bytes]], expected: bytes) -> bool:
+    """The first `authorization` header, lower-cased, equals `expected` (constant time)."""
+    for name, value in headers:
+        if name == b"authorization":
+            return hmac.compare_digest(value.decode("latin-1").lower().encode(), expected)
+    return False

@@ -8,6 +8,7 @@ backend's event stream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -86,14 +87,45 @@ class GenerationResult:
         return sum(logprobs) / max(len(logprobs), 1)
 
 
+class Reservation:
+    """A request that load shedding let through when it arrived, before its handler asks for
+    permits: counted in `Permits.reserved` so that a burst parsed in one go is shed by arrival
+    order instead of every request racing to its handler. Handed to the handler through a
+    context variable; ends when the handler acquires permits or the request ends."""
+
+    def __init__(self, permits: Permits) -> None:
+        self.permits = permits
+        self.held = True
+        permits.reserved += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.permits.reserved -= 1
+
+
+RESERVATION: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar(
+    "genserve_reservation", default=None
+)
+
+
 class Permits:
     """TGI's `try_acquire_owned` on a semaphore: never waits."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
+        self.reserved = 0  # see Reservation
+
+    @property
+    def full(self) -> bool:
+        """What load shedding refuses on: permits held plus requests on their way to them."""
+        return self.in_use + self.reserved >= self.limit
 
     def acquire(self, n: int = 1) -> None:
+        reservation = RESERVATION.get()
+        if reservation is not None:  # this request's place now becomes its permits (or a 429)
+            reservation.release()
         if 0 < self.limit < n:  # would never be admitted: retrying cannot help, so not a 429
             raise ValidationError(
                 f"the request needs {n} sequences at once and at most {self.limit} run "

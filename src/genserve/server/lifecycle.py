@@ -196,6 +196,7 @@ def uvicorn_config(
     *,
     keep_alive_timeout: float = 5.0,
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    http_parser: str = "auto",
     **kwargs: Any,
 ) -> uvicorn.Config:
     """uvicorn with our slow-client and head-size limits (`limits.py`)."""
@@ -203,7 +204,7 @@ def uvicorn_config(
         app,
         host=host,
         port=port,
-        http=protocol_class(read_timeout),
+        http=protocol_class(read_timeout, http_parser),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         timeout_keep_alive=max(1, round(keep_alive_timeout)),
         timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),

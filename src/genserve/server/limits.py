@@ -19,11 +19,19 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: the pure-Python h11 protocol
+    HttpToolsProtocol = None
+
 from genserve.server.errors import RequestBodyError
 
 logger = logging.getLogger(__name__)
 
 MAX_URL_BYTES = 8 * 1024
+# the scope key under which the httptools protocol hands a request's load-shedding
+# reservation (`shedding.FastShed`) to the ASGI app
+RESERVATION_KEY = "genserve.reservation"
 MAX_HEADER_BYTES = 16 * 1024
 # what the HTTP parser buffers for one request head before it gives up (then: 431)
 MAX_HEAD_BYTES = 64 * 1024
@@ -89,16 +97,53 @@ def _deadline_receive(receive: Receive, timeout: float) -> Receive:
     return wrapped
 
 
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head (uvicorn has none: a
-    client that sends half a head would hold its connection forever) and 431, not a bare 400,
-    for heads over the parser's limit. `read_timeout` is set by `protocol_class()`."""
+class _HeadDeadline:
+    """A deadline for each request head, shared by both HTTP protocols below: uvicorn has none,
+    so a client that sends half a head would hold its connection forever. The protocol calls
+    `_arm()` when a connection opens or a response completes and `_disarm()` once a whole head
+    is in; `_partial_head()` says whether some bytes of a head have arrived."""
 
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _partial_head(self) -> bool:
+        raise NotImplementedError
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.read_timeout, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._partial_head():  # tell the client why
+            self._reply_and_close(408, "Request head not received in time")
+        else:  # nothing at all (an idle connection): just close it
+            self.transport.close()
+
+    def _reply_and_close(self, status: int, message: str) -> None:
+        body = error_json(message)
+        head = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        logger.info("closing a connection: %s", message)
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+class TimedH11Protocol(_HeadDeadline, H11Protocol):
+    """uvicorn's pure-Python h11 protocol (the fallback when httptools is not installed) with
+    the head deadline and 431, not a bare 400, for heads over the parser's limit."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -124,35 +169,103 @@ class TimedH11Protocol(H11Protocol):
         else:
             super().send_400_response(msg)
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.read_timeout, self._head_timeout)
-
-    def _disarm(self) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._head_timer = None
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self.conn.trailing_data[0]:  # a partial head: tell the client why
-            self._reply_and_close(408, "Request head not received in time")
-        else:  # nothing at all (an idle connection): just close it
-            self.transport.close()
-
-    def _reply_and_close(self, status: int, message: str) -> None:
-        body = error_json(message)
-        head = (
-            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        )
-        logger.info("closing a connection: %s", message)
-        self.transport.write(head.encode() + body)
-        self.transport.close()
+    def _partial_head(self) -> bool:
+        return bool(self.conn.trailing_data[0])
 
 
-def protocol_class(read_timeout: float) -> type[TimedH11Protocol]:
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout": read_timeout})
+if HttpToolsProtocol is not None:
+
+    class TimedHttpToolsProtocol(_HeadDeadline, HttpToolsProtocol):
+        """uvicorn's httptools (llhttp, in C) protocol with the head deadline and a
+        `MAX_HEAD_BYTES` bound on each head (431); parsing in C keeps the event loop's cost
+        per request low, which is what answers a burst of over-cap requests quickly."""
+
+        _in_head = False
+        _head_bytes = 0  # bytes received while the current head is incomplete
+        _shedding = False  # the current request was answered by `_shed_now`
+        _reservation: Any = None  # the current request's shedding.Reservation
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            self._release_reservation()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():  # a head still incomplete
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._reply_and_close(431, f"Request head larger than {MAX_HEAD_BYTES} bytes")
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._disarm()  # a whole head arrived: the route's own limits apply now
+            if self._shed_now():
+                return
+            super().on_headers_complete()
+
+        def _shed_now(self) -> bool:
+            """An over-cap request answered here (`shedding.FastShed`, set by the app as
+            `app.state.fast_shed`) with no ASGI cycle: its body is then read and dropped. One
+            let through may carry a reservation, released when its response is complete."""
+            shed = getattr(getattr(self.config.app, "state", None), "fast_shed", None)
+            if shed is None or not (self.cycle is None or self.cycle.response_complete):
+                return False  # (a pipelined request must wait for the one before it)
+            method = self.parser.get_method()
+            reply = shed(method, self.url, self.headers)
+            if reply is None:
+                return False
+            if not isinstance(reply, bytes):
+                self._release_reservation()
+                self._reservation = self.scope[RESERVATION_KEY] = reply
+                return False
+            self._shedding = True
+            self.transport.write(reply)
+            if self.access_log:
+                client = "{}:{}".format(*self.client) if self.client else "-"
+                self.access_logger.info('%s - "%s %s HTTP/1.1" 429', client, method.decode(),
+                                        self.url.decode("latin-1"))  # fmt: skip
+            if not self.parser.should_keep_alive():
+                self.transport.close()
+            return True
+
+        def _release_reservation(self) -> None:
+            if self._reservation is not None:
+                self._reservation.release()
+                self._reservation = None
+
+        def on_body(self, body: bytes) -> None:
+            if not self._shedding:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._shedding:
+                super().on_message_complete()
+                return
+            self._shedding = False
+            self.on_response_complete()  # keep-alive as after any response
+
+        def on_response_complete(self) -> None:
+            self._release_reservation()
+            super().on_response_complete()
+            if self.cycle is None or self.cycle.response_complete:  # nothing pipelined
+                self._arm()
+
+        def _partial_head(self) -> bool:
+            return self._in_head
+
+
+def protocol_class(read_timeout: float, parser: str = "auto") -> type[_HeadDeadline]:
+    """`parser` "auto": the httptools protocol when httptools is installed (a dependency),
+    else h11; "h11" forces the fallback."""
+    use_h11 = parser == "h11" or HttpToolsProtocol is None
+    base = TimedH11Protocol if use_h11 else TimedHttpToolsProtocol
+    return type(base.__name__, (base,), {"read_timeout": read_timeout})
