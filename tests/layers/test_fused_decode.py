@@ -24,8 +24,9 @@ def _runner(path, dtype, native):
     return ModelRunner(model, cfg, CacheConfig(block_size=4, num_blocks=512), dtype, native)
 
 
-def _decode_logits(runner, steps=6, rows=3):
-    """Prefill `rows` prompts, then decode `steps` steps feeding fixed tokens; logits per step."""
+def _decode_logits(runner, steps=6, rows=3, mixed=False):
+    """Prefill `rows` prompts, then decode `steps` steps feeding fixed tokens; logits per step.
+    `mixed`: every step also prefills a new 5-token prompt (decode rows beside a chunk)."""
     reqs = [
         Request(str(i), [(37 * i + 11 * j) % 1000 + 5 for j in range(6 + 9 * (i % 4))])
         for i in range(rows)
@@ -40,25 +41,32 @@ def _decode_logits(runner, steps=6, rows=3):
         for r in reqs:
             r.num_computed_tokens = r.num_tokens
             r.append_output_token(100 + step)
-        logits, _ = runner.execute(SchedulerOutput([ScheduledRequest(r, 1) for r in reqs]))
+        scheduled = [ScheduledRequest(r, 1) for r in reqs]
+        if mixed:
+            new = Request(f"m{step}", [(13 * step + 7 * j) % 1000 + 5 for j in range(5)])
+            new.block_table = list(range(nxt, nxt + 2))
+            nxt += 2
+            scheduled.append(ScheduledRequest(new, 5))
+        logits, _ = runner.execute(SchedulerOutput(scheduled))
         out.append(logits)
     return torch.stack(out)
 
 
-# 3 rows: the fused layer kernel; 12 rows (past FusedDecode.MAX_ROWS): PyTorch with prepacked
-# linear weights and the native paged attention kernel
-@pytest.mark.parametrize("rows", [3, 12])
+# 3 rows: the fused layer kernel; 12 rows (past FusedDecode.MAX_ROWS): forward_batched, PyTorch's
+# matmuls on prepacked weights with the native small ops and paged attention; mixed: the
+# PyTorch model (prepacked linears, native attention for the decode rows) beside a prefill chunk
+@pytest.mark.parametrize(("rows", "mixed"), [(3, False), (12, False), (6, True)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows):
+def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
     assert fused_runner.fused is not None
     assert (
         fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
     )
-    fused = _decode_logits(fused_runner, rows=rows)
-    torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows)
-    exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows)
+    fused = _decode_logits(fused_runner, rows=rows, mixed=mixed)
+    torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows, mixed=mixed)
+    exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows, mixed=mixed)
     err_fused = (fused - exact).abs().mean().item()
     err_torch = (torch_bf16 - exact).abs().mean().item()
     assert err_fused <= 1.5 * err_torch + 1e-3, (err_fused, err_torch)

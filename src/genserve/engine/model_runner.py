@@ -171,9 +171,12 @@ class ModelRunner:
         """
         step = self.prepare(out.scheduled)
         fused = self.fused if self.fused is not None and self.fused.supports(step.ctx) else None
+        batched = fused is None and self.fused is not None and self.fused.supports_batched(step.ctx)
         with forward_context(step.ctx):
             if fused is not None:
                 hidden = fused.forward(step.input_ids, step.positions, step.ctx)
+            elif batched:
+                hidden = self.fused.forward_batched(step.input_ids, step.positions, step.ctx)
             else:
                 hidden = self.model(step.input_ids, step.positions)
         prompt_lps = {

@@ -235,6 +235,24 @@ static void attend(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores, i
     for (int i = 0; i < d; i++) out[i] = f2bf(acc[i] * inv);
 }
 
+/* Item i of T * (H + KVH) over a row-major [T, ld] qkv buffer: q/k norm (Qwen3), rotary, and
+ * for a K head its K and V written to the paged cache at the row's slot. */
+static void qkv_head_post(bf16 *qkv, int64_t ld, int i, int H, int KVH, int D, const float *cos_sin,
+                          const bf16 *q_norm, const bf16 *k_norm, float eps, bf16 *k_cache,
+                          bf16 *v_cache, const int64_t *slot_mapping) {
+    const int t = i / (H + KVH), hd = i % (H + KVH);
+    bf16 *head = qkv + (int64_t)t * ld + (int64_t)hd * D;
+    const bf16 *norm = hd < H ? q_norm : k_norm;
+    if (norm) rmsnorm_row(head, norm, head, D, eps);
+    rope_head(head, cos_sin + (int64_t)t * D, D);
+    if (hd >= H) {
+        const int64_t slot = slot_mapping[t];
+        const int kv = hd - H;
+        memcpy(k_cache + (slot * KVH + kv) * D, head, D * sizeof(bf16));
+        memcpy(v_cache + (slot * KVH + kv) * D, head + (int64_t)KVH * D, D * sizeof(bf16));
+    }
+}
+
 /* ----------------------------------------------------------------------------- the layer */
 
 typedef struct {
@@ -269,19 +287,9 @@ void genserve_decode_layer_bf16(const LayerWeights *w, bf16 *x, int T, const flo
 #pragma omp barrier
         /* q/k norm (Qwen3), rotary, then K/V into the paged cache */
 #pragma omp for
-        for (int i = 0; i < T * (H + KVH); i++) {
-            const int t = i / (H + KVH), hd = i % (H + KVH);
-            bf16 *head = s->qkv + (int64_t)t * qkv_n + (int64_t)hd * D;
-            const bf16 *norm = hd < H ? w->q_norm : w->k_norm;
-            if (norm) rmsnorm_row(head, norm, head, D, w->eps);
-            rope_head(head, cos_sin + (int64_t)t * D, D);
-            if (hd >= H) {
-                const int64_t slot = slot_mapping[t];
-                const int kv = hd - H;
-                memcpy(k_cache + (slot * KVH + kv) * D, head, D * sizeof(bf16));
-                memcpy(v_cache + (slot * KVH + kv) * D, head + (int64_t)KVH * D, D * sizeof(bf16));
-            }
-        }
+        for (int i = 0; i < T * (H + KVH); i++)
+            qkv_head_post(s->qkv, qkv_n, i, H, KVH, D, cos_sin, w->q_norm, w->k_norm, w->eps,
+                          k_cache, v_cache, slot_mapping);
 #pragma omp for
         for (int i = 0; i < T * H; i++) {
             const int t = i / H, h = i % H;
@@ -487,13 +495,14 @@ static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
     }
 }
 
-/* q, out: [T, H, D] contiguous bf16; caches [slots, KVH, D]; returns 0, or -1 when a thread
- * buffer could not be allocated or the head layout is unsupported (caller falls back). */
-int genserve_paged_decode_attention_bf16(const bf16 *q, bf16 *out, const bf16 *k_cache,
-                                         const bf16 *v_cache, const int64_t *block_tables,
-                                         int max_blocks, const int64_t *context_lens,
-                                         int64_t max_context, int T, int H, int KVH, int D,
-                                         int block_size, float scale) {
+/* q, out: rows of H * D bf16 at strides ldq, ldo (elements); caches [slots, KVH, D]; returns 0,
+ * or -1 when a thread buffer could not be allocated or the head layout is unsupported (the
+ * caller falls back). */
+int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, int64_t ldo,
+                                         const bf16 *k_cache, const bf16 *v_cache,
+                                         const int64_t *block_tables, int max_blocks,
+                                         const int64_t *context_lens, int64_t max_context, int T,
+                                         int H, int KVH, int D, int block_size, float scale) {
     const int G = H / KVH;
     if (G > 64 || D > 256 || H % KVH) return -1;
     const AttnArgs aa = {k_cache, v_cache, block_tables, context_lens, max_blocks, block_size,
@@ -512,12 +521,53 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, bf16 *out, const bf16 *k
         for (int i = 0; i < T * KVH; i++) {
             if (!buf) continue;
             const int t = i % T, kvh = i / T;
-            const int64_t off = ((int64_t)t * H + (int64_t)kvh * G) * D;
+            const int64_t head = (int64_t)kvh * G * D;
+            const bf16 *qt = q + t * ldq + head;
+            bf16 *ot = out + t * ldo + head;
             if (vec)
-                attend_group_avx512(&aa, q + off, out + off, buf, lenp, t, kvh, G);
+                attend_group_avx512(&aa, qt, ot, buf, lenp, t, kvh, G);
             else
-                attend_group(&aa, q + off, out + off, buf + (size_t)G * D, buf, t, kvh, G);
+                attend_group(&aa, qt, ot, buf + (size_t)G * D, buf, t, kvh, G);
         }
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------- the small ops of a batched decode layer, fused
+ * For steps of more rows than the fused layer takes: the matmuls run in PyTorch (oneDNN,
+ * prepacked), everything between them here, one parallel region each, rounding as PyTorch. */
+
+/* x[t] = bf16(x[t] + delta[t]) when delta is given (the residual add), then out[t] = rmsnorm(x[t]) */
+void genserve_add_rmsnorm_bf16(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *out, int T,
+                               int hid, float eps) {
+#pragma omp parallel for
+    for (int t = 0; t < T; t++) {
+        bf16 *xr = x + (int64_t)t * hid;
+        if (delta) {
+            const bf16 *dr = delta + (int64_t)t * hid;
+            for (int i = 0; i < hid; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+        }
+        rmsnorm_row(xr, w, out + (int64_t)t * hid, hid, eps);
+    }
+}
+
+/* q/k norm, rotary and the K/V cache write for T rows of a [T, (H + 2 KVH) D] qkv buffer */
+void genserve_qkv_post_bf16(bf16 *qkv, int T, int H, int KVH, int D, const float *cos_sin,
+                            const bf16 *q_norm, const bf16 *k_norm, float eps, bf16 *k_cache,
+                            bf16 *v_cache, const int64_t *slot_mapping) {
+    const int64_t ld = (int64_t)(H + 2 * KVH) * D;
+#pragma omp parallel for
+    for (int i = 0; i < T * (H + KVH); i++)
+        qkv_head_post(qkv, ld, i, H, KVH, D, cos_sin, q_norm, k_norm, eps, k_cache, v_cache,
+                      slot_mapping);
+}
+
+/* act[t, j] = bf16(bf16(silu(g)) * u) over a [T, 2 I] gate|up buffer, as silu_and_mul */
+void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
+#pragma omp parallel for
+    for (int64_t i = 0; i < (int64_t)T * I; i++) {
+        const int64_t t = i / I, j = i % I;
+        const float g = bf2f(gu[t * 2 * I + j]), u = bf2f(gu[t * 2 * I + I + j]);
+        act[i] = f2bf(rbf(g / (1.0f + expf(-g))) * u);
+    }
 }

@@ -80,8 +80,9 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
         p = ctypes.c_void_p
+        row = ctypes.c_int64(self.num_heads * self.head_dim)
         rc = self.native.genserve_paged_decode_attention_bf16(
-            p(q.data_ptr()), p(out.data_ptr()), p(self.k_cache.data_ptr()),
+            p(q.data_ptr()), row, p(out.data_ptr()), row, p(self.k_cache.data_ptr()),
             p(self.v_cache.data_ptr()), p(tables.data_ptr()), ctypes.c_int(tables.shape[1]),
             p(lens.data_ptr()), ctypes.c_int64(ctx.decode_max_context), ctypes.c_int(q.shape[0]),
             ctypes.c_int(self.num_heads), ctypes.c_int(self.num_kv_heads),
