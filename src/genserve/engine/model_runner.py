@@ -84,8 +84,10 @@ class ModelRunner:
             k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
-        # bf16 pure-decode steps of few rows run through the fused native layer kernel; bf16
-        # decode rows of larger batches use the native paged attention kernel (no K/V gather)
+        # bf16: pure-decode steps of few rows run through the fused native layer kernel, every
+        # other step through PyTorch matmuls with native small ops and paged attention
+        # (`FusedDecode.forward_mixed`); the attention modules also get the native library for
+        # bf16 decode rows when the PyTorch model runs (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
         lib = load_decode_bf16() if native_kernels and dtype == torch.bfloat16 else None
         for layer in model.model.layers:
@@ -171,12 +173,11 @@ class ModelRunner:
         """
         step = self.prepare(out.scheduled)
         fused = self.fused if self.fused is not None and self.fused.supports(step.ctx) else None
-        batched = fused is None and self.fused is not None and self.fused.supports_batched(step.ctx)
         with forward_context(step.ctx):
             if fused is not None:
                 hidden = fused.forward(step.input_ids, step.positions, step.ctx)
-            elif batched:
-                hidden = self.fused.forward_batched(step.input_ids, step.positions, step.ctx)
+            elif self.fused is not None:
+                hidden = self.fused.forward_mixed(step.input_ids, step.positions, step.ctx)
             else:
                 hidden = self.model(step.input_ids, step.positions)
         prompt_lps = {

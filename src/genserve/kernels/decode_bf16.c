@@ -562,12 +562,28 @@ void genserve_qkv_post_bf16(bf16 *qkv, int T, int H, int KVH, int D, const float
                       slot_mapping);
 }
 
+static inline __m512 round_bf16x16(__m512 x) { /* through bf16 (RNE) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
 /* act[t, j] = bf16(bf16(silu(g)) * u) over a [T, 2 I] gate|up buffer, as silu_and_mul */
 void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
 #pragma omp parallel for
-    for (int64_t i = 0; i < (int64_t)T * I; i++) {
-        const int64_t t = i / I, j = i % I;
-        const float g = bf2f(gu[t * 2 * I + j]), u = bf2f(gu[t * 2 * I + I + j]);
-        act[i] = f2bf(rbf(g / (1.0f + expf(-g))) * u);
+    for (int t = 0; t < T; t++) {
+        const bf16 *g = gu + (int64_t)t * 2 * I, *u = g + I;
+        bf16 *a = act + (int64_t)t * I;
+        int j = 0;
+        for (; j + 16 <= I; j += 16) {
+            const __m512 gv = load_bf16x16(g + j);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 silu = round_bf16x16(_mm512_div_ps(gv, _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+            _mm256_storeu_si256((__m256i *)(a + j),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load_bf16x16(u + j))));
+        }
+        for (; j < I; j++) {
+            const float gf = bf2f(g[j]);
+            a[j] = f2bf(rbf(gf / (1.0f + expf(-gf))) * bf2f(u[j]));
+        }
     }
 }

@@ -1,8 +1,9 @@
-"""Decode steps through the native fused layer kernel (`kernels/decode_bf16.c`).
+"""bfloat16 steps through the native kernels (`kernels/decode_bf16.c`).
 
-Used by the model runner for bfloat16 Llama-family models when every row of the step is a
-single-token query; anything else (prefill chunks, float32, dynamic rope) runs the PyTorch model.
-The kernel reads the model's own parameter and KV-cache storage: nothing is copied.
+For bfloat16 Llama-family models (not dynamic rope) the model runner sends a pure-decode step
+of up to `MAX_ROWS` rows through the fused layer kernel (`forward`), and every other step
+through `forward_mixed` (PyTorch's matmuls, native everything else); float32 runs the PyTorch
+model. The kernels read the model's own parameter and KV-cache storage: nothing is copied.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class FusedDecode:
         return None if lib is None else FusedDecode(model, lib)
 
     # Past this many rows the step is compute- rather than bandwidth-bound, and PyTorch's AMX
-    # matmuls on prepacked weights (`forward_batched`) beat the kernel's AVX512 dot products.
+    # matmuls on prepacked weights (`forward_mixed`) beat the kernel's AVX512 dot products.
     # SmolLM2-135M, 2 threads, ms per step fused | batched: 1 row 11.8 | 17.5, 4 rows
     # 20.8 | 20.6, 8 rows 36.5 | 26.2, 16 rows 60.5 | 34.5.
     MAX_ROWS = 4
@@ -106,66 +107,6 @@ class FusedDecode:
     @classmethod
     def supports(cls, ctx: ForwardContext) -> bool:
         return not ctx.prefills and 0 < ctx.num_decode <= cls.MAX_ROWS
-
-    # Past MAX_ROWS, up to this many: `forward_batched` (PyTorch's matmuls, native small ops)
-    MAX_BATCHED_ROWS = 256
-
-    @classmethod
-    def supports_batched(cls, ctx: ForwardContext) -> bool:
-        return not ctx.prefills and cls.MAX_ROWS < ctx.num_decode <= cls.MAX_BATCHED_ROWS
-
-    def forward_batched(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        """A pure-decode step of many rows: each layer's four matmuls run in PyTorch (oneDNN
-        AMX kernels on the prepacked weights, `layers/packed_linear.py`), and what lies between
-        them in four native calls: residual add + RMSNorm, q/k norm + rotary + cache write,
-        paged attention, SiLU * up. Same rounding as the PyTorch path."""
-        cfg, lib = self.cfg, self.lib
-        t, hid = input_ids.shape[0], cfg.hidden_size
-        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = self.model.model.embed_tokens(input_ids).contiguous()
-        cos_sin = self.model.rotary.cos_sin_for(positions).contiguous()
-        tables = ctx.decode_block_tables.contiguous()
-        lens = ctx.decode_context_lens.contiguous()
-        slots = ctx.slot_mapping.contiguous()
-        h = torch.empty(t, hid, dtype=torch.bfloat16)
-        attn_out = torch.empty(t, heads * d, dtype=torch.bfloat16)
-        act = torch.empty(t, cfg.intermediate_size, dtype=torch.bfloat16)
-        eps = cfg.rms_norm_eps
-        delta: torch.Tensor | None = None
-        for layer, (w, attn) in zip(self.model.model.layers, self.layers, strict=True):
-            sa, mlp = layer.self_attn, layer.mlp
-            lib.genserve_add_rmsnorm_bf16(
-                x.data_ptr(), _ptr(delta), w.ln1, h.data_ptr(), t, hid, eps
-            )
-            qkv = sa.qkv_proj(h)
-            lib.genserve_qkv_post_bf16(
-                qkv.data_ptr(), t, heads, kv_heads, d, cos_sin.data_ptr(), w.q_norm, w.k_norm, eps,
-                attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), slots.data_ptr(),
-            )  # fmt: skip
-            rc = lib.genserve_paged_decode_attention_bf16(
-                P(qkv.data_ptr()), I64(qkv.shape[1]), P(attn_out.data_ptr()), I64(heads * d),
-                P(attn.k_cache.data_ptr()), P(attn.v_cache.data_ptr()), P(tables.data_ptr()),
-                ctypes.c_int(tables.shape[1]), P(lens.data_ptr()), I64(ctx.decode_max_context),
-                ctypes.c_int(t), ctypes.c_int(heads), ctypes.c_int(kv_heads), ctypes.c_int(d),
-                ctypes.c_int(attn.k_cache.shape[1]), ctypes.c_float(attn.scale),
-            )  # fmt: skip
-            if rc != 0:
-                raise RuntimeError("native paged attention failed (out of memory?)")
-            o = sa.o_proj(attn_out)
-            lib.genserve_add_rmsnorm_bf16(
-                x.data_ptr(), o.data_ptr(), w.ln2, h.data_ptr(), t, hid, eps
-            )
-            gu = mlp.gate_up_proj(h)
-            lib.genserve_silu_mul_bf16(gu.data_ptr(), act.data_ptr(), t, cfg.intermediate_size)
-            delta = mlp.down_proj(act)
-        out = torch.empty_like(x)
-        norm = self.model.model.norm
-        lib.genserve_add_rmsnorm_bf16(
-            x.data_ptr(), _ptr(delta), norm.weight.data_ptr(), out.data_ptr(), t, hid, norm.eps
-        )
-        return out
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -198,6 +139,78 @@ class FusedDecode:
                 ctypes.c_int(attn.k_cache.shape[1]), ctypes.byref(scratch),
             )  # fmt: skip
         return self.model.model.norm(x)
+
+    def forward_mixed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """Any other step (many decode rows, prefill chunks, both): each layer's four matmuls
+        run in PyTorch (oneDNN AMX kernels, on prepacked weights for up to
+        `PACKED_MAX_ROWS` rows), and what lies between them in native calls: residual add +
+        RMSNorm, q/k norm + rotary + cache write, SiLU * up, and paged attention for the
+        decode rows (prefill chunks attend with PyTorch's SDPA, `PagedAttention._prefill`).
+        Same rounding as the PyTorch path."""
+        cfg, lib = self.cfg, self.lib
+        t, hid = input_ids.shape[0], cfg.hidden_size
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_size, kv_size = heads * d, kv_heads * d
+        x = self.model.model.embed_tokens(input_ids).contiguous()
+        cos_sin = self.model.rotary.cos_sin_for(positions).contiguous()
+        slots = ctx.slot_mapping.contiguous()
+        h = torch.empty(t, hid, dtype=torch.bfloat16)
+        attn_out = torch.empty(t, q_size, dtype=torch.bfloat16)
+        act = torch.empty(t, cfg.intermediate_size, dtype=torch.bfloat16)
+        eps = cfg.rms_norm_eps
+        delta: torch.Tensor | None = None
+        for layer, (w, attn) in zip(self.model.model.layers, self.layers, strict=True):
+            sa, mlp = layer.self_attn, layer.mlp
+            lib.genserve_add_rmsnorm_bf16(
+                x.data_ptr(), _ptr(delta), w.ln1, h.data_ptr(), t, hid, eps
+            )
+            qkv = sa.qkv_proj(h)
+            lib.genserve_qkv_post_bf16(
+                qkv.data_ptr(), t, heads, kv_heads, d, cos_sin.data_ptr(), w.q_norm, w.k_norm, eps,
+                attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), slots.data_ptr(),
+            )  # fmt: skip
+            if ctx.num_decode:
+                self._decode_attention(qkv, attn_out, attn, ctx)
+            for p in ctx.prefills:
+                rows = slice(p.token_start, p.token_start + p.num_tokens)
+                q, k, v = qkv[rows].split([q_size, kv_size, kv_size], dim=-1)
+                out = attn._prefill(
+                    q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d),
+                    p.context_len, p.block_table,
+                )  # fmt: skip
+                attn_out[rows] = out.reshape(p.num_tokens, q_size)
+            o = sa.o_proj(attn_out)
+            lib.genserve_add_rmsnorm_bf16(
+                x.data_ptr(), o.data_ptr(), w.ln2, h.data_ptr(), t, hid, eps
+            )
+            gu = mlp.gate_up_proj(h)
+            lib.genserve_silu_mul_bf16(gu.data_ptr(), act.data_ptr(), t, cfg.intermediate_size)
+            delta = mlp.down_proj(act)
+        out = torch.empty_like(x)
+        norm = self.model.model.norm
+        lib.genserve_add_rmsnorm_bf16(
+            x.data_ptr(), _ptr(delta), norm.weight.data_ptr(), out.data_ptr(), t, hid, norm.eps
+        )
+        return out
+
+    def _decode_attention(self, qkv, attn_out, attn, ctx: ForwardContext) -> None:
+        """Rows [0, num_decode) of the [T, qkv] buffer attend over their blocks (native)."""
+        cfg = self.cfg
+        tables = ctx.decode_block_tables.contiguous()
+        lens = ctx.decode_context_lens.contiguous()
+        heads, d = cfg.num_attention_heads, cfg.head_dim
+        rc = self.lib.genserve_paged_decode_attention_bf16(
+            P(qkv.data_ptr()), I64(qkv.shape[1]), P(attn_out.data_ptr()), I64(heads * d),
+            P(attn.k_cache.data_ptr()), P(attn.v_cache.data_ptr()), P(tables.data_ptr()),
+            ctypes.c_int(tables.shape[1]), P(lens.data_ptr()), I64(ctx.decode_max_context),
+            ctypes.c_int(ctx.num_decode), ctypes.c_int(heads),
+            ctypes.c_int(cfg.num_key_value_heads), ctypes.c_int(d),
+            ctypes.c_int(attn.k_cache.shape[1]), ctypes.c_float(attn.scale),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError("native paged attention failed (out of memory?)")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] bf16 -> [N, vocab] float32 (fp32 accumulation, no bf16 rounding)."""
