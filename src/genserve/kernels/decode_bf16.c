@@ -417,15 +417,66 @@ static inline __m512 load_bf16x16(const bf16 *p) {
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* acc[g * nv + c] = sum_j scores[g, j] * V[j, 16c : 16c + 16] in fp32. The generic loop keeps
+ * acc in memory; `pv_fixed`, inlined with constant G and nv, keeps it in registers. */
+static inline __attribute__((always_inline)) void pv_fixed(const bf16 *v_cache, const int64_t *rows,
+                                                           const float *scores, int64_t lenp,
+                                                           int64_t len, int d, const int G,
+                                                           const int nv, __m512 *out) {
+    __m512 acc[32];
+    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *v = v_cache + rows[j];
+        if (j + 8 < len) {
+            const char *p = (const char *)(v_cache + rows[j + 8]);
+            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        for (int c = 0; c < nv; c++) {
+            const __m512 vf = load_bf16x16(v + 16 * c);
+            for (int g = 0; g < G; g++)
+                acc[g * nv + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(int64_t)g * lenp + j]), vf,
+                                                  acc[g * nv + c]);
+        }
+    }
+    for (int i = 0; i < G * nv; i++) out[i] = acc[i];
+}
+
+static void pv(const bf16 *v_cache, const int64_t *rows, const float *scores, int64_t lenp,
+               int64_t len, int d, int G, int nv, __m512 *acc) {
+#define PV_CASE(g, n) \
+    if (G == g && nv == n) return pv_fixed(v_cache, rows, scores, lenp, len, d, g, n, acc);
+    PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(5, 4) PV_CASE(6, 4)
+    PV_CASE(7, 4) PV_CASE(8, 4) PV_CASE(1, 8) PV_CASE(2, 8) PV_CASE(3, 8) PV_CASE(4, 8)
+#undef PV_CASE
+    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *v = v_cache + rows[j];
+        if (j + 8 < len) {
+            const char *p = (const char *)(v_cache + rows[j + 8]);
+            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        __m512 vf[16];
+        for (int c = 0; c < nv; c++) vf[c] = load_bf16x16(v + 16 * c);
+        for (int g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(scores[(int64_t)g * lenp + j]);
+            for (int c = 0; c < nv; c++) acc[g * nv + c] = _mm512_fmadd_ps(p, vf[c], acc[g * nv + c]);
+        }
+    }
+}
+
 /* attend_group for head_dim a multiple of 32 (up to 256) and G <= 16, vectorised: scores for
  * 16 keys at a time, softmax with exp512, V accumulated in fp32 vectors. `scores` holds G rows
  * of `lenp` (len rounded up to 16) floats. Same math as attend_group (fp32, one rounding). */
 static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores,
-                                int64_t lenp, int t, int kvh, int G) {
+                                int64_t *rows, int64_t lenp, int t, int kvh, int G) {
     const int d = a->head_dim, bs = a->block_size, KVH = a->num_kv_heads;
     const int nd = d / 32, nv = d / 16;
     const int64_t len = a->context_lens[t];
     const int64_t *table = a->block_tables + (int64_t)t * a->max_blocks;
+    /* element offset of each key's (and value's) head row in the caches, block by block */
+    for (int64_t j = 0, b = 0; j < len; b++)
+        for (int64_t r = 0, base = table[b] * bs; r < bs && j < len; r++, j++)
+            rows[j] = ((base + r) * KVH + kvh) * d;
     const __m512 scale = _mm512_set1_ps(a->scale);
     __m512 mx[16];
     for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
@@ -433,13 +484,10 @@ static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
         const int n = len - j0 < 16 ? (int)(len - j0) : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1);
         const bf16 *kp[16];
-        for (int jj = 0; jj < 16; jj++) {
-            const int64_t j = j0 + (jj < n ? jj : 0);
-            kp[jj] = a->k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d;
-        }
-        /* the next chunk's keys are in other blocks of the table: fetch them while this one computes */
+        for (int jj = 0; jj < 16; jj++) kp[jj] = a->k_cache + rows[j0 + (jj < n ? jj : 0)];
+        /* the next chunk's keys may be in other blocks: fetch them while this one computes */
         for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++) {
-            const char *p = (const char *)(a->k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d);
+            const char *p = (const char *)(a->k_cache + rows[j]);
             for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
         }
         for (int g = 0; g < G; g++) {
@@ -472,21 +520,7 @@ static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
         inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     __m512 acc[256];
-    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; j++) {
-        const bf16 *v = a->v_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * d;
-        if (j + 8 < len) {
-            const int64_t jn = j + 8;
-            const char *p = (const char *)(a->v_cache + ((table[jn / bs] * bs + jn % bs) * KVH + kvh) * d);
-            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
-        __m512 vf[16];
-        for (int c = 0; c < nv; c++) vf[c] = load_bf16x16(v + 16 * c);
-        for (int g = 0; g < G; g++) {
-            const __m512 p = _mm512_set1_ps(scores[(int64_t)g * lenp + j]);
-            for (int c = 0; c < nv; c++) acc[g * nv + c] = _mm512_fmadd_ps(p, vf[c], acc[g * nv + c]);
-        }
-    }
+    pv(a->v_cache, rows, scores, lenp, len, d, G, nv, acc);
     for (int g = 0; g < G; g++) {
         const __m512 s = _mm512_set1_ps(inv[g]);
         for (int c = 0; c < nv; c++)
@@ -512,7 +546,8 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
     {
         const int vec = D % 32 == 0 && G <= 16;
         const int64_t lenp = (max_context + 15) / 16 * 16;
-        float *buf = thread_buffer((size_t)G * lenp + (size_t)G * D);
+        /* scores [G, lenp] floats, then the key rows [lenp] int64 (or the generic path's acc) */
+        float *buf = thread_buffer((size_t)G * lenp + 2 * (size_t)lenp + (size_t)G * D);
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
@@ -525,7 +560,8 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
             const bf16 *qt = q + t * ldq + head;
             bf16 *ot = out + t * ldo + head;
             if (vec)
-                attend_group_avx512(&aa, qt, ot, buf, lenp, t, kvh, G);
+                attend_group_avx512(&aa, qt, ot, buf, (int64_t *)(buf + (size_t)G * lenp), lenp, t,
+                                    kvh, G);
             else
                 attend_group(&aa, qt, ot, buf + (size_t)G * D, buf, t, kvh, G);
         }
