@@ -2,7 +2,8 @@
 
 `load_decode_bf16()` returns the ctypes library of `decode_bf16.c`, or None when the CPU lacks
 AVX512-BF16, no compiler is found, or the build fails (genserve then runs PyTorch ops only).
-PyTorch must be imported first: the library links libgomp by soname and so shares its threads.
+`load_amx_linear()` likewise for `amx_linear.c` (AMX-BF16 CPUs, once Linux granted AMX state).
+PyTorch must be imported first: the libraries link libgomp by soname and so share its threads.
 """
 
 from __future__ import annotations
@@ -40,19 +41,20 @@ def cpu_has(*flags: str) -> bool:
     return all(f in words for f in flags)
 
 
-def _build(source: Path) -> Path | None:
+def _build(source: Path, extra_flags: tuple[str, ...] = ()) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         log.warning("no C compiler found: native kernels disabled")
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *extra_flags]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_root() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, str(source), "-o", str(out), "-lm"]
+        cmd = [compiler, *flags, str(source), "-o", str(out), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             log.warning("building %s failed: %s", source.name, res.stderr.strip()[:500])
@@ -82,3 +84,28 @@ def load_decode_bf16() -> ctypes.CDLL | None:
     except OSError as e:
         log.warning("loading %s failed: %s", path, e)
         return None
+
+
+@cache
+def load_amx_linear() -> ctypes.CDLL | None:
+    if not native_enabled() or not cpu_has("amx_bf16", "amx_tile", "avx512_bf16"):
+        return None
+    import torch  # noqa: F401 - load PyTorch's libgomp before ours
+
+    path = _build(HERE / "amx_linear.c", ("-mamx-tile", "-mamx-bf16"))
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("loading %s failed: %s", path, e)
+        return None
+    if lib.genserve_amx_init() != 0:
+        log.warning("the kernel did not grant AMX state: AMX linear layers disabled")
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.genserve_amx_pack_bf16.argtypes = [p, p, i, i]
+    lib.genserve_amx_pack_bf16.restype = None
+    lib.genserve_amx_linear_bf16.argtypes = [p, i, p, p, p, i, i, i, i, i]
+    lib.genserve_amx_linear_bf16.restype = i
+    return lib

@@ -1,11 +1,17 @@
-"""Linear layers with oneDNN-prepacked bfloat16 weights for batched rows on CPU.
+"""Linear layers with prepacked bfloat16 weights for batched rows on CPU.
 
-`F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call;
-for the 9-256 row matmuls of a batched decode step that reorder costs as much as the multiply
-(SmolLM2-135M, 32 rows, 2 threads: 16.9 ms of matmuls per step plain, 9.6 ms prepacked; at 512+
-rows the two are even, so larger inputs keep the plain path). The packed copy sits beside the
-plain weight, which the fused decode kernel and large prefill chunks still read: packing costs
-one extra copy of the linear weights, so it is skipped when that would not fit comfortably.
+`F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call,
+and oneDNN's kernels are tuned for large matrices. For the 5-256 row matmuls of a batched decode
+step each weight is packed once instead:
+
+- into AMX tiles (`kernels/amx_linear.c`) on CPUs with AMX-BF16: the weight streams once per
+  call; SmolLM2-135M, 32 rows, 2 threads, every linear of a step (distinct weights, as in the
+  model): 13.5 ms, against 33 ms for oneDNN on prepacked weights;
+- else into oneDNN's layout (`torch.ops.mkldnn`), which skips the per-call reorder.
+
+Larger inputs (prefill chunks) keep `F.linear`. The packed copy sits beside the plain weight,
+which the fused decode kernel and prefill still read: packing costs one extra copy of the
+linear weights, so it is skipped when that would not fit comfortably.
 """
 
 from __future__ import annotations
@@ -16,37 +22,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.kernels import load_amx_linear
+
 log = logging.getLogger(__name__)
 
-# rows up to which the packed weight is used (measured: packed wins up to 128-256 rows)
+# rows up to which the packed weight is used
 PACKED_MAX_ROWS = 256
 # the batch-size hint oneDNN packs for (the middle of the decode range)
 PACK_HINT_ROWS = 32
 
 
+class PackedWeight:
+    """One [N, K] bf16 weight, packed; `__call__(x, bias, out_f32)` = F.linear(x, W, bias)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()  # the module's own storage: the fallback
+        self.n, self.k = weight.shape
+        lib = load_amx_linear()
+        if lib is not None and self.n % 16 == 0 and self.k % 32 == 0:
+            self.amx = lib
+            self.data = torch.empty_like(self.weight)
+            lib.genserve_amx_pack_bf16(self.weight.data_ptr(), self.data.data_ptr(), self.n, self.k)
+        else:
+            self.amx = None
+            self.data = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_HINT_ROWS)
+
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, out_f32: bool = False
+    ) -> torch.Tensor:
+        x = x.contiguous()
+        if self.amx is not None:
+            m = x.shape[0]
+            y = torch.empty(m, self.n, dtype=torch.float32 if out_f32 else torch.bfloat16)
+            rc = self.amx.genserve_amx_linear_bf16(
+                x.data_ptr(), self.k, self.data.data_ptr(),
+                None if bias is None else bias.data_ptr(), y.data_ptr(), self.n, m, self.n,
+                self.k, int(out_f32),
+            )  # fmt: skip
+            if rc == 0:
+                return y
+            y = F.linear(x, self.weight, bias)  # out of memory for the padded rows
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+        return y.float() if out_f32 else y
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
 class Linear(nn.Linear):
     """nn.Linear that uses `packed` (set by `pack_linear_weights`) for 2-D inputs of few rows."""
 
-    packed: torch.Tensor | None = None
+    packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
-            return packed_linear(x, self.packed, self.bias)
+            return self.packed(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT_ROWS)
-
-
 def packing_supported(dtype: torch.dtype) -> bool:
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if dtype != torch.bfloat16:
+        return False
+    if load_amx_linear() is not None:
+        return True
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -68,7 +109,7 @@ def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
                      total / 2**20, budget_bytes / 2**20)  # fmt: skip
         return 0
     for m in linears:
-        m.packed = pack(m.weight)
+        m.packed = PackedWeight(m.weight)
     if head is not None:
-        model.packed_lm_head = pack(head)
+        model.packed_lm_head = PackedWeight(head)
     return total

@@ -14,7 +14,7 @@ from genserve.config import ModelConfig
 from genserve.engine.forward_context import get_forward_context
 from genserve.layers.attention import PagedAttention
 from genserve.layers.basic import RMSNorm, RotaryEmbedding, silu_and_mul
-from genserve.layers.packed_linear import PACKED_MAX_ROWS, Linear, packed_linear
+from genserve.layers.packed_linear import PACKED_MAX_ROWS, Linear, PackedWeight
 
 
 class LlamaAttention(nn.Module):
@@ -135,8 +135,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos_sin)
         return self.model.norm(x)
 
-    # oneDNN-prepacked output projection, set by layers.packed_linear.pack_linear_weights
-    packed_lm_head: torch.Tensor | None = None
+    # prepacked output projection (fp32 logits), set by packed_linear.pack_linear_weights
+    packed_lm_head: PackedWeight | None = None
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -144,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
         if self.packed_lm_head is not None and hidden.shape[0] <= PACKED_MAX_ROWS:
-            return packed_linear(hidden, self.packed_lm_head).float()
+            return self.packed_lm_head(hidden, out_f32=True)
         return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
 
 
