@@ -99,6 +99,15 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int kb = 0; kb < nk; kb++) {
+                    if (m0 == 0 && pb + 1 < (nblocks + 1) / 2) {
+                        /* the next column pair's tiles, while these multiply: the weight
+                         * streams from memory at its bandwidth instead of its latency */
+                        const char *nx = (const char *)(p0 + (int64_t)2 * nk * 512 + (int64_t)kb * 512);
+                        for (int l = 0; l < 1024; l += 64) _mm_prefetch(nx + l, _MM_HINT_T0);
+                        if (nb + 3 < nblocks)
+                            for (int l = 0; l < 1024; l += 64)
+                                _mm_prefetch(nx + (int64_t)nk * 1024 + l, _MM_HINT_T0);
+                    }
                     _tile_loadd(4, x0 + kb * 32, K * 2);
                     _tile_loadd(5, x1 + kb * 32, K * 2);
                     _tile_loadd(6, p0 + (int64_t)kb * 512, 64);
