@@ -63,3 +63,18 @@ def test_native_decode_attention_matches_reference(heads, kv_heads, head_dim, bl
     # one bf16 rounding of outputs below 4 in magnitude: at most 2^-7 relative
     assert err_native <= 0.016, (err_native, err_sdpa)
     assert (native.float() - ref).abs().mean() <= 1.5 * (sdpa.float() - ref).abs().mean() + 1e-4
+
+
+def test_native_argmax_is_torch_argmax():
+    from genserve.sampling.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(5)
+    for rows, n in [(1, 49152), (32, 49152), (3, 17), (5, 1), (4, 100)]:
+        x = torch.randn(rows, n, generator=g)
+        assert torch.equal(argmax_rows(x), x.argmax(dim=1))
+    x = torch.zeros(4, 50)  # ties: the first index, also across lanes
+    x[0, [3, 40]] = 1.0
+    x[1, [35, 19]] = 2.0
+    x[2] = float("-inf")  # all masked out: 0, as PyTorch
+    x[3, [49, 48]] = 7.0
+    assert argmax_rows(x).tolist() == x.argmax(dim=1).tolist() == [3, 19, 0, 48]

@@ -623,3 +623,30 @@ void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
         }
     }
 }
+
+/* ------------------------------------------------------------------------------- greedy */
+
+/* out[r] = index of the first maximum of x[r, 0:n], as torch.argmax (NaN is never chosen
+ * here; a row of -inf gives 0). 16 lanes each keep their first maximum; ties between lanes
+ * go to the lowest index. */
+void genserve_argmax_f32(const float *x, int rows, int64_t n, int64_t *out) {
+#pragma omp parallel for if (rows > 1)
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (int64_t)r * n;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i bidx = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                                         9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 in = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, row + j);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            bidx = _mm512_mask_mov_epi32(bidx, gt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        const float m = _mm512_reduce_max_ps(best);
+        const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+        out[r] = at ? _mm512_mask_reduce_min_epi32(at, bidx) : 0;
+    }
+}
