@@ -47,7 +47,9 @@ def _build(source: Path, extra_flags: tuple[str, ...] = ()) -> Path | None:
         log.warning("no C compiler found: native kernels disabled")
         return None
     flags = [*FLAGS, *extra_flags]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()
+    digest = digest[:16]
     target = cache_root() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target

@@ -18,6 +18,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "common.h"
+
 typedef uint16_t bf16;
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -49,16 +51,11 @@ void genserve_amx_pack_bf16(const bf16 *W, bf16 *P, int N, int K) {
         }
 }
 
-/* per calling thread (each engine has its own thread) */
+/* n bf16s per calling thread (each engine has its own thread) */
 static bf16 *xpad_buffer(size_t n) {
-    static __thread bf16 *buf = NULL;
+    static __thread void *buf = NULL;
     static __thread size_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = (bf16 *)aligned_alloc(64, ((n * sizeof(bf16) + 63) / 64) * 64);
-        cap = buf ? n : 0;
-    }
-    return buf;
+    return (bf16 *)grow_buffer(&buf, &cap, n * sizeof(bf16));
 }
 
 /* Y[M, N] = X[M, K] . W^T (+ bias), P from genserve_amx_pack_bf16. K % 32 == 0, N % 16 == 0.

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 typedef uint16_t bf16;
 
 #define ROWS 4  /* rows of W per register block */
@@ -314,16 +316,11 @@ void genserve_decode_layer_bf16(const LayerWeights *w, bf16 *x, int T, const flo
 
 /* ------------------------------------------------------------ batched paged decode attention */
 
-/* Grows a per-thread fp32 buffer; never shrinks (one per OpenMP thread, reused every step). */
+/* n floats for the calling OpenMP thread, reused every step */
 static float *thread_buffer(size_t n) {
-    static __thread float *buf = NULL;
+    static __thread void *buf = NULL;
     static __thread size_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = (float *)aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
-        cap = buf ? n : 0;
-    }
-    return buf;
+    return (float *)grow_buffer(&buf, &cap, n * sizeof(float));
 }
 
 /* The G query heads that share KV head `kvh` of row t: K and V are read once for the group.
@@ -417,6 +414,10 @@ static inline __m512 load_bf16x16(const bf16 *p) {
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+static inline void prefetch_row(const bf16 *row, int d) { /* d bf16s into L1 */
+    for (int off = 0; off < d * 2; off += 64) _mm_prefetch((const char *)row + off, _MM_HINT_T0);
+}
+
 /* acc[g * nv + c] = sum_j scores[g, j] * V[j, 16c : 16c + 16] in fp32. The generic loop keeps
  * acc in memory; `pv_fixed`, inlined with constant G and nv, keeps it in registers. */
 static inline __attribute__((always_inline)) void pv_fixed(const bf16 *v_cache, const int64_t *rows,
@@ -427,10 +428,7 @@ static inline __attribute__((always_inline)) void pv_fixed(const bf16 *v_cache, 
     for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
         const bf16 *v = v_cache + rows[j];
-        if (j + 8 < len) {
-            const char *p = (const char *)(v_cache + rows[j + 8]);
-            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
+        if (j + 8 < len) prefetch_row(v_cache + rows[j + 8], d);
         for (int c = 0; c < nv; c++) {
             const __m512 vf = load_bf16x16(v + 16 * c);
             for (int g = 0; g < G; g++)
@@ -451,10 +449,7 @@ static void pv(const bf16 *v_cache, const int64_t *rows, const float *scores, in
     for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
         const bf16 *v = v_cache + rows[j];
-        if (j + 8 < len) {
-            const char *p = (const char *)(v_cache + rows[j + 8]);
-            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
+        if (j + 8 < len) prefetch_row(v_cache + rows[j + 8], d);
         __m512 vf[16];
         for (int c = 0; c < nv; c++) vf[c] = load_bf16x16(v + 16 * c);
         for (int g = 0; g < G; g++) {
@@ -486,10 +481,7 @@ static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
         const bf16 *kp[16];
         for (int jj = 0; jj < 16; jj++) kp[jj] = a->k_cache + rows[j0 + (jj < n ? jj : 0)];
         /* the next chunk's keys may be in other blocks: fetch them while this one computes */
-        for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++) {
-            const char *p = (const char *)(a->k_cache + rows[j]);
-            for (int off = 0; off < d * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-        }
+        for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++) prefetch_row(a->k_cache + rows[j], d);
         for (int g = 0; g < G; g++) {
             const bf16 *qg = q + (int64_t)g * d;
             __m512 v[16];
