@@ -52,15 +52,15 @@ def _decode_logits(runner, steps=6, rows=3, mixed=False):
     return torch.stack(out)
 
 
-# 3 rows: the fused layer kernel; 12 rows (past FusedDecode.MAX_ROWS): forward_batched, PyTorch's
-# matmuls on prepacked weights with the native small ops and paged attention; mixed: the
-# PyTorch model (prepacked linears, native attention for the decode rows) beside a prefill chunk
-@pytest.mark.parametrize(("rows", "mixed"), [(3, False), (12, False), (6, True)])
+# 2 rows: the fused layer kernel (FusedDecode.MAX_ROWS); 12 rows: forward_mixed, matmuls on
+# prepacked weights with the native small ops and paged attention; mixed: forward_mixed with
+# decode rows beside a prefill chunk
+@pytest.mark.parametrize(("rows", "mixed"), [(2, False), (12, False), (6, True)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
-    assert fused_runner.fused is not None
+    assert fused_runner.fused is not None and fused_runner.fused.MAX_ROWS == 2
     assert (
         fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
     )

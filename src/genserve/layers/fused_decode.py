@@ -98,11 +98,11 @@ class FusedDecode:
         lib = load_decode_bf16()
         return None if lib is None else FusedDecode(model, lib)
 
-    # Past this many rows the step is compute- rather than bandwidth-bound, and PyTorch's AMX
-    # matmuls on prepacked weights (`forward_mixed`) beat the kernel's AVX512 dot products.
-    # SmolLM2-135M, 2 threads, ms per step fused | batched: 1 row 11.8 | 17.5, 4 rows
-    # 20.8 | 20.6, 8 rows 36.5 | 26.2, 16 rows 60.5 | 34.5.
-    MAX_ROWS = 4
+    # Past this many rows the step is compute- rather than bandwidth-bound, and matmuls on
+    # prepacked weights (`forward_mixed`: AMX tiles, or oneDNN) beat the kernel's AVX512 dot
+    # products. SmolLM2-135M, 2 threads, AMX, ms per step fused | mixed: 1 row 13.5 | 18.7,
+    # 2 rows 16.3 | 16.6, 3 rows 22.0 | 21.4, 4 rows 25.6 | 19.0, 8 rows 43.9 | 23.2.
+    MAX_ROWS = 2
 
     @classmethod
     def supports(cls, ctx: ForwardContext) -> bool:
