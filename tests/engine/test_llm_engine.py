@@ -8,13 +8,16 @@ import pytest
 from genserve.config import CacheConfig, SchedulerConfig
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.request import FinishReason, Request
+from genserve.kernels import load_decode_bf16
 from genserve.sampling.params import SamplingParams, StoppingParams
 
 
-def make_engine(model_dir, num_blocks=256, block_size=4, budget=64, max_seqs=64) -> LLMEngine:
+def make_engine(
+    model_dir, num_blocks=256, block_size=4, budget=64, max_seqs=64, dtype="float32"
+) -> LLMEngine:
     return LLMEngine.from_model(
         str(model_dir),
-        dtype="float32",
+        dtype=dtype,
         cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
     )
@@ -100,6 +103,29 @@ def test_preemption_keeps_outputs(model_dir):
     small, _ = run(engine, _requests(12, max_new=40))
     assert preempted, "the test cache was meant to force preemption"
     assert small == big
+
+
+def test_bf16_native_path_under_preemption_aborts_and_chunks(model_dir):
+    """bfloat16 runs the native kernels (fused layer, packed matmuls, paged attention) where
+    the CPU has them: a cache that forces preemption, chunked prefills beside decode rows and
+    aborts mid-way leave no error, integrity intact after every step and every block free."""
+    engine = make_engine(model_dir, num_blocks=40, block_size=4, budget=32, dtype="bfloat16")
+    assert (engine.runner.fused is not None) == (load_decode_bf16() is not None)
+    preempted = []
+    orig = engine.scheduler.schedule
+
+    def spy():
+        out = orig()
+        preempted.extend(out.preempted)
+        return out
+
+    engine.scheduler.schedule = spy
+    reqs = _requests(12, max_new=40)
+    out, finals = run(engine, reqs, abort_after={"r2": 5, "r7": 0, "r9": 20})
+    assert preempted, "the test cache was meant to force preemption"
+    for req in reqs:
+        if req.request_id not in ("r2", "r7", "r9"):
+            assert len(out[req.request_id]) == req.stopping.max_new_tokens
 
 
 def test_chunked_prefill_and_prefix_cache(model_dir):
