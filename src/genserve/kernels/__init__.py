@@ -82,10 +82,31 @@ def load_decode_bf16() -> ctypes.CDLL | None:
     if path is None:
         return None
     try:
-        return ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path))
     except OSError as e:
         log.warning("loading %s failed: %s", path, e)
         return None
+    # the signatures, declared once: callers pass plain ints (data_ptr()) and floats.
+    # genserve_decode_layer_bf16 takes struct pointers (layers/fused_decode.py builds them).
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "genserve_decode_layer_bf16": (None, None),
+        "genserve_gemm_bf16": ([p, p, p, i, p, i, i, i, i, i], None),
+        "genserve_add_rmsnorm_bf16": ([p, p, p, p, i, i, f], None),
+        "genserve_qkv_post_bf16": ([p, i, i, i, i, p, p, p, f, p, p, p], None),
+        "genserve_silu_mul_bf16": ([p, p, i, i], None),
+        "genserve_paged_decode_attention_bf16": (
+            [p, i64, p, i64, p, p, p, i, p, i64, i, i, i, i, i, f],
+            i,
+        ),
+        "genserve_argmax_f32": ([p, i, i64, p], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        if argtypes is not None:
+            fn.argtypes = argtypes
+        fn.restype = restype
+    return lib
 
 
 @cache

@@ -57,8 +57,10 @@ class PagedAttention(nn.Module):
         that head (HF layout: query head h reads KV head h // G)."""
         assert ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
         if self.native is not None and q.dtype == torch.bfloat16:
-            out = self._decode_native(q, ctx)
-            if out is not None:
+            q = q.contiguous()
+            out = torch.empty_like(q)
+            row = self.num_heads * self.head_dim
+            if self.decode_native(self.native, q, row, out, row, ctx) == 0:
                 return out
         n, s = q.shape[0], ctx.decode_max_context
         group = self.num_heads // self.num_kv_heads
@@ -74,22 +76,20 @@ class PagedAttention(nn.Module):
         )  # [N, KVH, G, D]
         return o.reshape(n, self.num_heads, self.head_dim)
 
-    def _decode_native(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        """Reads K/V straight from the blocks: no gather copy, each KV head read once per row."""
-        q = q.contiguous()
-        out = torch.empty_like(q)
+    def decode_native(
+        self, lib: ctypes.CDLL, q: torch.Tensor, ldq: int, out: torch.Tensor, ldo: int,
+        ctx: ForwardContext,
+    ) -> int:  # fmt: skip
+        """The native kernel (kernels/decode_bf16.c) for the `ctx.num_decode` decode rows: K/V
+        read straight from the blocks, no gather copy, each KV head once per row. q and out are
+        bf16 rows of H*D at strides ldq and ldo; returns the kernel's code (0: done)."""
         tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
-        p = ctypes.c_void_p
-        row = ctypes.c_int64(self.num_heads * self.head_dim)
-        rc = self.native.genserve_paged_decode_attention_bf16(
-            p(q.data_ptr()), row, p(out.data_ptr()), row, p(self.k_cache.data_ptr()),
-            p(self.v_cache.data_ptr()), p(tables.data_ptr()), ctypes.c_int(tables.shape[1]),
-            p(lens.data_ptr()), ctypes.c_int64(ctx.decode_max_context), ctypes.c_int(q.shape[0]),
-            ctypes.c_int(self.num_heads), ctypes.c_int(self.num_kv_heads),
-            ctypes.c_int(self.head_dim), ctypes.c_int(self.k_cache.shape[1]),
-            ctypes.c_float(self.scale),
+        return lib.genserve_paged_decode_attention_bf16(
+            q.data_ptr(), ldq, out.data_ptr(), ldo, self.k_cache.data_ptr(),
+            self.v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+            ctx.decode_max_context, ctx.num_decode, self.num_heads, self.num_kv_heads,
+            self.head_dim, self.k_cache.shape[1], self.scale,
         )  # fmt: skip
-        return out if rc == 0 else None
 
     def _prefill(
         self,

@@ -76,15 +76,6 @@ class FusedDecode:
                 cfg.intermediate_size, cfg.rms_norm_eps,
             )  # fmt: skip
             self.layers.append((w, attn.attn))
-        lib.genserve_decode_layer_bf16.restype = None
-        lib.genserve_gemm_bf16.restype = None
-        C, F = ctypes.c_int, ctypes.c_float
-        lib.genserve_add_rmsnorm_bf16.argtypes = [P, P, P, P, C, C, F]
-        lib.genserve_add_rmsnorm_bf16.restype = None
-        lib.genserve_qkv_post_bf16.argtypes = [P, C, C, C, C, P, P, P, F, P, P, P]
-        lib.genserve_qkv_post_bf16.restype = None
-        lib.genserve_silu_mul_bf16.argtypes = [P, P, C, C]
-        lib.genserve_silu_mul_bf16.restype = None
         embed = model.model.embed_tokens.weight
         self.lm_head = embed if model.lm_head is None else model.lm_head.weight
 
@@ -144,8 +135,8 @@ class FusedDecode:
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         """Any other step (many decode rows, prefill chunks, both): each layer's four matmuls
-        run in PyTorch (oneDNN AMX kernels, on prepacked weights for up to
-        `PACKED_MAX_ROWS` rows), and what lies between them in native calls: residual add +
+        run on the packed weights (`layers/packed_linear.py`: AMX tiles or oneDNN, up to
+        `PACKED_MAX_ROWS` rows; PyTorch beyond), and what lies between them in native calls: residual add +
         RMSNorm, q/k norm + rotary + cache write, SiLU * up, and paged attention for the
         decode rows (prefill chunks attend with PyTorch's SDPA, `PagedAttention._prefill`).
         Same rounding as the PyTorch path."""
@@ -171,8 +162,8 @@ class FusedDecode:
                 qkv.data_ptr(), t, heads, kv_heads, d, cos_sin.data_ptr(), w.q_norm, w.k_norm, eps,
                 attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), slots.data_ptr(),
             )  # fmt: skip
-            if ctx.num_decode:
-                self._decode_attention(qkv, attn_out, attn, ctx)
+            if ctx.num_decode and attn.decode_native(lib, qkv, qkv.shape[1], attn_out, q_size, ctx):
+                raise RuntimeError("native paged attention failed (out of memory?)")
             for p in ctx.prefills:
                 rows = slice(p.token_start, p.token_start + p.num_tokens)
                 q, k, v = qkv[rows].split([q_size, kv_size, kv_size], dim=-1)
@@ -195,23 +186,6 @@ class FusedDecode:
         )
         return out
 
-    def _decode_attention(self, qkv, attn_out, attn, ctx: ForwardContext) -> None:
-        """Rows [0, num_decode) of the [T, qkv] buffer attend over their blocks (native)."""
-        cfg = self.cfg
-        tables = ctx.decode_block_tables.contiguous()
-        lens = ctx.decode_context_lens.contiguous()
-        heads, d = cfg.num_attention_heads, cfg.head_dim
-        rc = self.lib.genserve_paged_decode_attention_bf16(
-            P(qkv.data_ptr()), I64(qkv.shape[1]), P(attn_out.data_ptr()), I64(heads * d),
-            P(attn.k_cache.data_ptr()), P(attn.v_cache.data_ptr()), P(tables.data_ptr()),
-            ctypes.c_int(tables.shape[1]), P(lens.data_ptr()), I64(ctx.decode_max_context),
-            ctypes.c_int(ctx.num_decode), ctypes.c_int(heads),
-            ctypes.c_int(cfg.num_key_value_heads), ctypes.c_int(d),
-            ctypes.c_int(attn.k_cache.shape[1]), ctypes.c_float(attn.scale),
-        )  # fmt: skip
-        if rc != 0:
-            raise RuntimeError("native paged attention failed (out of memory?)")
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] bf16 -> [N, vocab] float32 (fp32 accumulation, no bf16 rounding)."""
         hidden = hidden.contiguous()
@@ -219,8 +193,7 @@ class FusedDecode:
         vocab = self.lm_head.shape[0]
         out = torch.empty(n, vocab, dtype=torch.float32)
         self.lib.genserve_gemm_bf16(
-            P(self.lm_head.data_ptr()), None, P(hidden.data_ptr()), ctypes.c_int(k),
-            P(out.data_ptr()), ctypes.c_int(vocab), ctypes.c_int(n), ctypes.c_int(vocab),
-            ctypes.c_int(k), ctypes.c_int(1),
+            self.lm_head.data_ptr(), None, hidden.data_ptr(), k, out.data_ptr(), vocab, n, vocab,
+            k, 1,
         )  # fmt: skip
         return out

@@ -8,7 +8,6 @@ else shares the batch. The only host sync is the final `.tolist()`.
 
 from __future__ import annotations
 
-import ctypes
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,10 +29,7 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
         return scores.argmax(dim=1)
     scores = scores.contiguous()
     out = torch.empty(scores.shape[0], dtype=torch.long)
-    lib.genserve_argmax_f32(
-        ctypes.c_void_p(scores.data_ptr()), ctypes.c_int(scores.shape[0]),
-        ctypes.c_int64(scores.shape[1]), ctypes.c_void_p(out.data_ptr()),
-    )  # fmt: skip
+    lib.genserve_argmax_f32(scores.data_ptr(), scores.shape[0], scores.shape[1], out.data_ptr())
     return out
 
 
