@@ -134,12 +134,12 @@ class FusedDecode:
     def forward_mixed(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        """Any other step (many decode rows, prefill chunks, both): each layer's four matmuls
+        """Any other step (many decode rows, prefill chunks, both). Each layer's four matmuls
         run on the packed weights (`layers/packed_linear.py`: AMX tiles or oneDNN, up to
-        `PACKED_MAX_ROWS` rows; PyTorch beyond), and what lies between them in native calls: residual add +
-        RMSNorm, q/k norm + rotary + cache write, SiLU * up, and paged attention for the
-        decode rows (prefill chunks attend with PyTorch's SDPA, `PagedAttention._prefill`).
-        Same rounding as the PyTorch path."""
+        `PACKED_MAX_ROWS` rows; `F.linear` beyond); what lies between them runs in native
+        calls: residual add + RMSNorm, q/k norm + rotary + cache write, SiLU * up, and paged
+        attention for the decode rows (prefill chunks attend with PyTorch's SDPA,
+        `PagedAttention._prefill`). Same rounding as the PyTorch path."""
         cfg, lib = self.cfg, self.lib
         t, hid = input_ids.shape[0], cfg.hidden_size
         heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
