@@ -30,6 +30,17 @@ class ValidationError(InferError):
         self.reason = reason
 
 
+class ToolError(InferError):
+    """TGI's `InferError::ToolError`: 422 `{"error": "Tool error: ...", "error_type": "tool_error"}`."""
+
+    status = 422
+    error_type = "tool_error"
+    metric_label = "tool_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Tool error: {reason}")
+
+
 class OverloadedError(InferError):
     status = 429
     error_type = "overloaded"

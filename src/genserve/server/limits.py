@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -101,13 +102,12 @@ class _HeadDeadline:
     """A deadline for each request head, shared by both HTTP protocols below: uvicorn has none,
     so a client that sends half a head would hold its connection forever. The protocol calls
     `_arm()` when a connection opens or a response completes and `_disarm()` once a whole head
-    is in; `_partial_head()` says whether some bytes of a head have arrived."""
+    is in. Each protocol defines `_partial_head()`: whether some bytes of a head have arrived
+    (then the timeout is answered with a 408; an idle connection is just closed)."""
 
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
     _head_timer: asyncio.TimerHandle | None = None
-
-    def _partial_head(self) -> bool:
-        raise NotImplementedError
+    _partial_head: Callable[[], bool]
 
     def _arm(self) -> None:
         self._disarm()

@@ -21,7 +21,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from genserve.sampling.grammar import JSON_OPTIONS
 from genserve.sampling.grammar_spec import GrammarSpec
-from genserve.server.errors import InferError, TemplateError, ValidationError
+from genserve.server.errors import TemplateError, ToolError, ValidationError
 from genserve.server.generation import GenerationService, Timing
 from genserve.server.protocol import GenerateParameters, GenerateRequest, GrammarType
 from genserve.server.protocol_openai import ChatMessage, ChatRequest, _Sampling
@@ -39,17 +39,6 @@ class Extras:
     presence_penalty: float
     logit_bias: dict[int, float]
     stop: list[str]
-
-
-class ToolError(InferError):
-    """TGI's `InferError::ToolError`: 422 `{"error": "Tool error: ...", "error_type": "tool_error"}`."""
-
-    status = 422
-    error_type = "tool_error"
-    metric_label = "tool_error"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"Tool error: {reason}")
 
 
 # TGI's default `tool_prompt` (`router/src/lib.rs`), word for word
