@@ -216,3 +216,24 @@ def tiny_llama_dir(tiny_model_dir) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture()
+def record_preemptions() -> Callable[[object], list]:
+    """`record_preemptions(engine)` -> a list that collects every request the engine's
+    scheduler preempts from then on (tests that mean to force preemption assert it is not
+    empty)."""
+
+    def attach(engine) -> list:
+        preempted: list = []
+        schedule = engine.scheduler.schedule
+
+        def spy():
+            out = schedule()
+            preempted.extend(out.preempted)
+            return out
+
+        engine.scheduler.schedule = spy
+        return preempted
+
+    return attach

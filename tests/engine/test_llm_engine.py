@@ -87,39 +87,23 @@ def test_batched_equals_alone(model_dir):
     assert all(f.finish_reason == FinishReason.LENGTH for f in finals.values())
 
 
-def test_preemption_keeps_outputs(model_dir):
+def test_preemption_keeps_outputs(model_dir, record_preemptions):
     """A cache too small for all requests at once forces preemption by recompute."""
     big, _ = run(make_engine(model_dir), _requests(12, max_new=40))
     engine = make_engine(model_dir, num_blocks=40, block_size=4)
-    preempted = []
-    orig = engine.scheduler.schedule
-
-    def spy():
-        out = orig()
-        preempted.extend(out.preempted)
-        return out
-
-    engine.scheduler.schedule = spy
+    preempted = record_preemptions(engine)
     small, _ = run(engine, _requests(12, max_new=40))
     assert preempted, "the test cache was meant to force preemption"
     assert small == big
 
 
-def test_bf16_native_path_under_preemption_aborts_and_chunks(model_dir):
+def test_bf16_native_path_under_preemption_aborts_and_chunks(model_dir, record_preemptions):
     """bfloat16 runs the native kernels (fused layer, packed matmuls, paged attention) where
     the CPU has them: a cache that forces preemption, chunked prefills beside decode rows and
     aborts mid-way leave no error, integrity intact after every step and every block free."""
     engine = make_engine(model_dir, num_blocks=40, block_size=4, budget=32, dtype="bfloat16")
     assert (engine.runner.fused is not None) == (load_decode_bf16() is not None)
-    preempted = []
-    orig = engine.scheduler.schedule
-
-    def spy():
-        out = orig()
-        preempted.extend(out.preempted)
-        return out
-
-    engine.scheduler.schedule = spy
+    preempted = record_preemptions(engine)
     reqs = _requests(12, max_new=40)
     out, finals = run(engine, reqs, abort_after={"r2": 5, "r7": 0, "r9": 20})
     assert preempted, "the test cache was meant to force preemption"

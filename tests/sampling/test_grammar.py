@@ -19,14 +19,6 @@ from genserve.sampling.stopping import StopChecker
 from genserve.tokenization.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_dir(smollm2_tokenizer_dir)

@@ -24,15 +24,6 @@ MAX_NEW = 256  # far more than any test schema needs to close
 TOKENS: dict[str, list[int]] = {}  # generated ids by request id, filled by `run`
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model's tensors: intra-op threads only spin on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_engine(model_dir, num_blocks=1024, block_size=16) -> LLMEngine:
     return LLMEngine.from_model(
         str(model_dir),
@@ -137,7 +128,7 @@ def test_mixed_batch_keeps_unconstrained_greedy_tokens(tiny):
     _check_json(together, "g-greedy", SCHEMAS["nested_object"])
 
 
-def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny):
+def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny, record_preemptions):
     """Requests recomputed after preemption keep their generated ids; their matchers stay in
     step, so every output is the one an unpreempted run gives."""
     _, compiler = tiny
@@ -151,15 +142,7 @@ def test_preemption_keeps_constrained_outputs(tiny_llama_dir, tiny):
     big = run(big_engine, batch())
     big_ids = {f"p{s}": TOKENS.pop(f"p{s}") for s in range(8)}
     small_engine = make_engine(tiny_llama_dir, num_blocks=40, block_size=4)
-    preempted = []
-    schedule = small_engine.scheduler.schedule
-
-    def spy():
-        out = schedule()
-        preempted.extend(out.preempted)
-        return out
-
-    small_engine.scheduler.schedule = spy
+    preempted = record_preemptions(small_engine)
     small = run(small_engine, batch())
     assert preempted, "the test cache was meant to force preemption"
     for s in range(8):

@@ -22,15 +22,6 @@ from genserve.sampling.watermark import WatermarkConfig
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only spin on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_request(i: int, params: SamplingParams, prompt_len: int = 7, gen_len: int = 5) -> Request:
     g = torch.Generator().manual_seed(1000 + i)
     # small id range so tokens repeat; includes id 0 in some rows

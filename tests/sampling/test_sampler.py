@@ -16,15 +16,6 @@ from genserve.sampling.watermark import WatermarkConfig
 VOCAB = 500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only spin on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def row_logits(key: int, step: int) -> torch.Tensor:
     """A fixed [VOCAB] logits row per (request, step), whatever batch it lands in."""
     g = torch.Generator().manual_seed(key * 1_000 + step)

@@ -10,21 +10,9 @@ import httpx
 import openai
 import pytest
 from huggingface_hub import InferenceClient
-from real_server import real_server
 from tgi_schema import validate
 
 HI = [{"role": "user", "content": "Tell me about cheese."}]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    with real_server(tiny_llama_dir, max_concurrent_requests=8) as (url, engine):
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="-", max_retries=0, timeout=60)
 
 
 def greedy(client: openai.OpenAI, **kw):

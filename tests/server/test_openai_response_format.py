@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from real_server import real_server
 
 HI = [{"role": "user", "content": "Describe a person as JSON."}]
 PERSON = {
@@ -23,17 +22,6 @@ PERSON = {
     "required": ["name", "age", "role"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    with real_server(tiny_llama_dir, max_concurrent_requests=8) as (url, engine):
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="-", max_retries=0, timeout=60)
 
 
 def chat(client: openai.OpenAI, response_format: dict, seed: int = 0, **kw):

@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from real_server import real_server
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -38,17 +37,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
 ]
 PARAMS = {"get_weather": WEATHER, "get_time": TIME}
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    with real_server(tiny_llama_dir, max_concurrent_requests=8) as (url, engine):
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="-", max_retries=0, timeout=60)
 
 
 def call(client: openai.OpenAI, seed: int = 0, **kw):
