@@ -70,15 +70,23 @@ def native_enabled() -> bool:
     return os.environ.get("GENSERVE_NATIVE_KERNELS", "1") != "0"
 
 
-@cache
-def load_decode_bf16() -> ctypes.CDLL | None:
-    if not native_enabled():
-        return None
-    if not cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_bf16"):
+PTR, INT, I64, FLT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+Signatures = dict[str, tuple[list | None, type | None]]  # name -> (argtypes, restype)
+
+
+def _load(
+    source: str,
+    cpu_flags: tuple[str, ...],
+    signatures: Signatures,
+    extra_flags: tuple[str, ...] = (),
+) -> ctypes.CDLL | None:
+    """Builds (once) and loads `source`, declaring each function's signature so callers pass
+    plain ints (data_ptr()) and floats; None where the CPU, compiler or loader says no."""
+    if not native_enabled() or not cpu_has(*cpu_flags):
         return None
     import torch  # noqa: F401 - load PyTorch's libgomp before ours
 
-    path = _build(HERE / "decode_bf16.c")
+    path = _build(HERE / source, extra_flags)
     if path is None:
         return None
     try:
@@ -86,21 +94,6 @@ def load_decode_bf16() -> ctypes.CDLL | None:
     except OSError as e:
         log.warning("loading %s failed: %s", path, e)
         return None
-    # the signatures, declared once: callers pass plain ints (data_ptr()) and floats.
-    # genserve_decode_layer_bf16 takes struct pointers (layers/fused_decode.py builds them).
-    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    signatures = {
-        "genserve_decode_layer_bf16": (None, None),
-        "genserve_gemm_bf16": ([p, p, p, i, p, i, i, i, i, i], None),
-        "genserve_add_rmsnorm_bf16": ([p, p, p, p, i, i, f], None),
-        "genserve_qkv_post_bf16": ([p, i, i, i, i, p, p, p, f, p, p, p], None),
-        "genserve_silu_mul_bf16": ([p, p, i, i], None),
-        "genserve_paged_decode_attention_bf16": (
-            [p, i64, p, i64, p, p, p, i, p, i64, i, i, i, i, i, f],
-            i,
-        ),
-        "genserve_argmax_f32": ([p, i, i64, p], None),
-    }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
         if argtypes is not None:
@@ -110,25 +103,34 @@ def load_decode_bf16() -> ctypes.CDLL | None:
 
 
 @cache
-def load_amx_linear() -> ctypes.CDLL | None:
-    if not native_enabled() or not cpu_has("amx_bf16", "amx_tile", "avx512_bf16"):
-        return None
-    import torch  # noqa: F401 - load PyTorch's libgomp before ours
+def load_decode_bf16() -> ctypes.CDLL | None:
+    # genserve_decode_layer_bf16 takes struct pointers (layers/fused_decode.py builds them)
+    return _load("decode_bf16.c", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), {
+        "genserve_decode_layer_bf16": (None, None),
+        "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], None),
+        "genserve_add_rmsnorm_bf16": ([PTR, PTR, PTR, PTR, INT, INT, FLT], None),
+        "genserve_qkv_post_bf16": ([PTR, INT, INT, INT, INT, PTR, PTR, PTR, FLT, PTR, PTR, PTR], None),
+        "genserve_silu_mul_bf16": ([PTR, PTR, INT, INT], None),
+        "genserve_paged_decode_attention_bf16": (
+            [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, I64, INT, INT, INT, INT, INT, FLT], INT
+        ),
+        "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
+    })  # fmt: skip
 
-    path = _build(HERE / "amx_linear.c", ("-mamx-tile", "-mamx-bf16"))
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("loading %s failed: %s", path, e)
-        return None
-    if lib.genserve_amx_init() != 0:
+
+@cache
+def load_amx_linear() -> ctypes.CDLL | None:
+    lib = _load(
+        "amx_linear.c",
+        ("amx_bf16", "amx_tile", "avx512_bf16"),
+        {
+            "genserve_amx_init": ([], INT),
+            "genserve_amx_pack_bf16": ([PTR, PTR, INT, INT], None),
+            "genserve_amx_linear_bf16": ([PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT], INT),
+        },
+        ("-mamx-tile", "-mamx-bf16"),
+    )
+    if lib is not None and lib.genserve_amx_init() != 0:
         log.warning("the kernel did not grant AMX state: AMX linear layers disabled")
         return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.genserve_amx_pack_bf16.argtypes = [p, p, i, i]
-    lib.genserve_amx_pack_bf16.restype = None
-    lib.genserve_amx_linear_bf16.argtypes = [p, i, p, p, p, i, i, i, i, i]
-    lib.genserve_amx_linear_bf16.restype = i
     return lib
