@@ -85,9 +85,10 @@ class ModelRunner:
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
         # bf16: pure-decode steps of few rows run through the fused native layer kernel, every
-        # other step through PyTorch matmuls with native small ops and paged attention
-        # (`FusedDecode.forward_mixed`); the attention modules also get the native library for
-        # bf16 decode rows when the PyTorch model runs (no K/V gather)
+        # other step through packed matmuls with native small ops and paged attention
+        # (`FusedDecode.forward_mixed`). Where FusedDecode declines the model (dynamic rope),
+        # the PyTorch model runs, its attention modules still using the native kernel for bf16
+        # decode rows (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
         lib = load_decode_bf16() if native_kernels and dtype == torch.bfloat16 else None
         for layer in model.model.layers:

@@ -123,7 +123,7 @@ class Sampler:
         sampled = probs.div_(noise).argmax(dim=1)  # [S]
         if plan.sample_index is None:
             return sampled
-        return scores.argmax(dim=1).index_copy_(0, plan.sample_index, sampled)
+        return argmax_rows(scores).index_copy_(0, plan.sample_index, sampled)
 
     def _generator(self, request: Request, device: torch.device) -> torch.Generator:
         gen = self._generators.get(request.request_id)

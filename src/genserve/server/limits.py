@@ -187,6 +187,8 @@ if HttpToolsProtocol is not None:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            # `shedding.FastShed`, set by the app as `app.state.fast_shed` (None: no app of ours)
+            self._fast_shed = getattr(getattr(self.config.app, "state", None), "fast_shed", None)
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -213,10 +215,10 @@ if HttpToolsProtocol is not None:
             super().on_headers_complete()
 
         def _shed_now(self) -> bool:
-            """An over-cap request answered here (`shedding.FastShed`, set by the app as
-            `app.state.fast_shed`) with no ASGI cycle: its body is then read and dropped. One
-            let through may carry a reservation, released when its response is complete."""
-            shed = getattr(getattr(self.config.app, "state", None), "fast_shed", None)
+            """An over-cap request answered here (`shedding.FastShed`) with no ASGI cycle: its
+            body is then read and dropped. One let through may carry a reservation, released
+            when its response is complete."""
+            shed = self._fast_shed
             if shed is None or not (self.cycle is None or self.cycle.response_complete):
                 return False  # (a pipelined request must wait for the one before it)
             method = self.parser.get_method()
