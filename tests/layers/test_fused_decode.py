@@ -10,7 +10,7 @@ from genserve.config import CacheConfig
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.request import Request
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_decode_bf16
+from genserve.kernels import load_amx_linear, load_decode_bf16
 from genserve.models.loader import load_config, load_model
 
 pytestmark = pytest.mark.skipif(
@@ -57,14 +57,21 @@ def _decode_logits(runner, steps=6, rows=3, mixed=False):
 # decode rows beside a prefill chunk
 @pytest.mark.parametrize(("rows", "mixed"), [(2, False), (12, False), (6, True)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed):
+def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed, monkeypatch):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
+    stacked = []  # steps run through forward_stack (all layers in one native call)
+    fd = fused_runner.fused
+    monkeypatch.setattr(
+        fd, "forward_stack", lambda *a: stacked.append(1) or type(fd).forward_stack(fd, *a)
+    )
     assert fused_runner.fused is not None and fused_runner.fused.MAX_ROWS == 2
     assert (
         fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
     )
     fused = _decode_logits(fused_runner, rows=rows, mixed=mixed)
+    # with AMX, 12 pure-decode rows take the one-call path; 2 rows the fused layer kernel
+    assert len(stacked) == (6 if rows == 12 and load_amx_linear() is not None else 0)
     torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows, mixed=mixed)
     exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows, mixed=mixed)
     err_fused = (fused - exact).abs().mean().item()

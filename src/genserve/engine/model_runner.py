@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from genserve import hugepages
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -81,7 +82,7 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in model.model.layers:
-            k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+            k, v = hugepages.empty(shape, dtype), hugepages.empty(shape, dtype)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
         # bf16: pure-decode steps of few rows run through the fused native layer kernel, every

@@ -104,9 +104,11 @@ def _load(
 
 @cache
 def load_decode_bf16() -> ctypes.CDLL | None:
-    # genserve_decode_layer_bf16 takes struct pointers (layers/fused_decode.py builds them)
+    # genserve_decode_layer_bf16 and genserve_decode_stack_bf16 take struct pointers
+    # (layers/fused_decode.py builds them)
     return _load("decode_bf16.c", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), {
         "genserve_decode_layer_bf16": (None, None),
+        "genserve_decode_stack_bf16": (None, INT),
         "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], None),
         "genserve_add_rmsnorm_bf16": ([PTR, PTR, PTR, PTR, INT, INT, FLT], None),
         "genserve_qkv_post_bf16": ([PTR, INT, INT, INT, INT, PTR, PTR, PTR, FLT, PTR, PTR, PTR], None),

@@ -46,6 +46,16 @@ static inline bf16 f2bf(float f) {
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
 
+static inline __m512 load_bf16x16(const bf16 *p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512 round_bf16x16(__m512 x) { /* through bf16 (RNE) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
 static inline __m512bh load_bh(const bf16 *p, __mmask32 mask) {
     return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
@@ -409,11 +419,6 @@ static inline __m512 reduce16(const __m512 *v) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-static inline __m512 load_bf16x16(const bf16 *p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 static inline void prefetch_row(const bf16 *row, int d) { /* d bf16s into L1 */
     for (int off = 0; off < d * 2; off += 64) _mm_prefetch((const char *)row + off, _MM_HINT_T0);
 }
@@ -571,11 +576,31 @@ void genserve_add_rmsnorm_bf16(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *
 #pragma omp parallel for
     for (int t = 0; t < T; t++) {
         bf16 *xr = x + (int64_t)t * hid;
-        if (delta) {
-            const bf16 *dr = delta + (int64_t)t * hid;
-            for (int i = 0; i < hid; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+        const bf16 *dr = delta ? delta + (int64_t)t * hid : NULL;
+        if (hid % 16) {
+            if (dr)
+                for (int i = 0; i < hid; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+            rmsnorm_row(xr, w, out + (int64_t)t * hid, hid, eps);
+            continue;
         }
-        rmsnorm_row(xr, w, out + (int64_t)t * hid, hid, eps);
+        /* the same rounding as the scalar path, 16 lanes at a time; only the order of the
+         * fp32 sum of squares differs */
+        __m512 ss = _mm512_setzero_ps();
+        for (int i = 0; i < hid; i += 16) {
+            __m512 v = load_bf16x16(xr + i);
+            if (dr) {
+                v = round_bf16x16(_mm512_add_ps(v, load_bf16x16(dr + i)));
+                _mm256_storeu_si256((__m256i *)(xr + i), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)hid + eps));
+        bf16 *o = out + (int64_t)t * hid;
+        for (int i = 0; i < hid; i += 16) {
+            const __m512 n = round_bf16x16(_mm512_mul_ps(load_bf16x16(xr + i), inv));
+            _mm256_storeu_si256((__m256i *)(o + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16x16(w + i), n)));
+        }
     }
 }
 
@@ -590,11 +615,6 @@ void genserve_qkv_post_bf16(bf16 *qkv, int T, int H, int KVH, int D, const float
                       slot_mapping);
 }
 
-static inline __m512 round_bf16x16(__m512 x) { /* through bf16 (RNE) and back */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
 /* act[t, j] = bf16(bf16(silu(g)) * u) over a [T, 2 I] gate|up buffer, as silu_and_mul */
 void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
 #pragma omp parallel for
@@ -603,9 +623,16 @@ void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
         bf16 *a = act + (int64_t)t * I;
         int j = 0;
         for (; j + 16 <= I; j += 16) {
-            const __m512 gv = load_bf16x16(g + j);
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            const __m512 silu = round_bf16x16(_mm512_div_ps(gv, _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+            /* g / (1 + exp(-g)) = g * num / (1 + e), e = exp(-|g|), num = 1 (g >= 0) or e:
+             * no overflow, and the reciprocal of 1 + e in [1, 2] from rcp14 and one Newton
+             * step (within an ulp of the division, far below bf16's rounding) */
+            const __m512 gv = load_bf16x16(g + j), one = _mm512_set1_ps(1.0f);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+            const __m512 den = _mm512_add_ps(e, one);
+            __m512 r = _mm512_rcp14_ps(den);
+            r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.0f)));
+            const __m512 num = _mm512_mask_mov_ps(one, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), e);
+            const __m512 silu = round_bf16x16(_mm512_mul_ps(_mm512_mul_ps(gv, num), r));
             _mm256_storeu_si256((__m256i *)(a + j),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load_bf16x16(u + j))));
         }
@@ -614,6 +641,62 @@ void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
             a[j] = f2bf(rbf(gf / (1.0f + expf(-gf))) * bf2f(u[j]));
         }
     }
+}
+
+/* ------------------------------------------------ a batched decode step, every layer in one call
+ * The layer loop of FusedDecode.forward_mixed for pure-decode steps whose linears are all packed
+ * for `linear` (amx_linear.c's genserve_amx_linear_bf16, passed as a pointer: it lives in the
+ * AMX library): the same calls in the same order, without going back to Python between them. */
+typedef int (*LinearFn)(const bf16 *X, int ldx, const bf16 *P, const bf16 *bias, void *Y,
+                        int ldy, int M, int N, int K, int out_f32);
+
+typedef struct {
+    const bf16 *qkv, *o, *gate_up, *down; /* packed for `linear` */
+    bf16 *k_cache, *v_cache;
+} StackLayer;
+
+typedef struct {
+    bf16 *h;    /* [T, hidden] normed input */
+    bf16 *qkv;  /* [T, (H + 2 KVH) D] */
+    bf16 *attn; /* [T, H D] */
+    bf16 *o;    /* [T, hidden] */
+    bf16 *gu;   /* [T, 2 I] */
+    bf16 *act;  /* [T, I] */
+    bf16 *down; /* [T, hidden] */
+} StackScratch;
+
+/* x: [T, hidden] embeddings, the residual stream (updated in place); out: the final-normed
+ * hidden states. Returns 0, or -1 when a kernel could not get memory (the step is lost). */
+int genserve_decode_stack_bf16(LinearFn linear, const LayerWeights *w, const StackLayer *layers,
+                               int num_layers, bf16 *x, int T, const float *cos_sin,
+                               const int64_t *slot_mapping, const int64_t *block_tables,
+                               int max_blocks, const int64_t *context_lens, int64_t max_context,
+                               int block_size, float scale, const StackScratch *s,
+                               const bf16 *final_norm, float final_eps, bf16 *out) {
+    const bf16 *delta = NULL;
+    for (int l = 0; l < num_layers; l++) {
+        const LayerWeights *lw = w + l;
+        const StackLayer *p = layers + l;
+        const int H = lw->num_heads, KVH = lw->num_kv_heads, D = lw->head_dim, hid = lw->hidden;
+        const int I = lw->inter, q_size = H * D, qkv_n = (H + 2 * KVH) * D;
+        genserve_add_rmsnorm_bf16(x, delta, lw->ln1, s->h, T, hid, lw->eps);
+        if (linear(s->h, hid, p->qkv, lw->qkv_bias, s->qkv, qkv_n, T, qkv_n, hid, 0)) return -1;
+        genserve_qkv_post_bf16(s->qkv, T, H, KVH, D, cos_sin, lw->q_norm, lw->k_norm, lw->eps,
+                               p->k_cache, p->v_cache, slot_mapping);
+        if (genserve_paged_decode_attention_bf16(s->qkv, qkv_n, s->attn, q_size, p->k_cache,
+                                                 p->v_cache, block_tables, max_blocks,
+                                                 context_lens, max_context, T, H, KVH, D,
+                                                 block_size, scale))
+            return -1;
+        if (linear(s->attn, q_size, p->o, NULL, s->o, hid, T, hid, q_size, 0)) return -1;
+        genserve_add_rmsnorm_bf16(x, s->o, lw->ln2, s->h, T, hid, lw->eps);
+        if (linear(s->h, hid, p->gate_up, NULL, s->gu, 2 * I, T, 2 * I, hid, 0)) return -1;
+        genserve_silu_mul_bf16(s->gu, s->act, T, I);
+        if (linear(s->act, I, p->down, NULL, s->down, hid, T, hid, I, 0)) return -1;
+        delta = s->down;
+    }
+    genserve_add_rmsnorm_bf16(x, delta, final_norm, out, T, w->hidden, final_eps);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------- greedy */

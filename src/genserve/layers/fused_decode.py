@@ -14,6 +14,7 @@ import torch
 
 from genserve.engine.forward_context import ForwardContext
 from genserve.kernels import load_decode_bf16
+from genserve.layers.packed_linear import PACKED_MAX_ROWS
 
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
@@ -50,6 +51,14 @@ class Scratch(ctypes.Structure):
     ]
 
 
+class StackLayer(ctypes.Structure):
+    _fields_ = [(name, P) for name in ("qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+
+
+class StackScratch(ctypes.Structure):
+    _fields_ = [(name, P) for name in ("h", "qkv", "attn", "o", "gu", "act", "down")]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -78,6 +87,7 @@ class FusedDecode:
             self.layers.append((w, attn.attn))
         embed = model.model.embed_tokens.weight
         self.lm_head = embed if model.lm_head is None else model.lm_head.weight
+        self._stack_args: tuple | None = None
 
     @staticmethod
     def create(model: torch.nn.Module, dtype: torch.dtype) -> FusedDecode | None:
@@ -131,6 +141,68 @@ class FusedDecode:
             )  # fmt: skip
         return self.model.model.norm(x)
 
+    def _stack(self) -> tuple | None:
+        """(linear kernel, LayerWeights array, StackLayer array) for `forward_stack`, when every
+        linear of every layer is packed in AMX tiles; built on first use (the KV caches are in
+        place by then)."""
+        if self._stack_args is None:
+            linears = [
+                (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                 layer.mlp.down_proj)
+                for layer in self.model.model.layers
+            ]  # fmt: skip
+            packed = [[m.packed for m in group] for group in linears]
+            if not all(p is not None and p.amx is not None for g in packed for p in g):
+                self._stack_args = ()
+                return None
+            stack = [
+                StackLayer(*(p.data.data_ptr() for p in g), attn.k_cache.data_ptr(),
+                           attn.v_cache.data_ptr())
+                for g, (_, attn) in zip(packed, self.layers, strict=True)
+            ]  # fmt: skip
+            n = len(stack)
+            fn = ctypes.cast(packed[0][0].amx.genserve_amx_linear_bf16, P)
+            self._stack_args = (
+                fn,
+                (LayerWeights * n)(*(w for w, _ in self.layers)),
+                (StackLayer * n)(*stack),
+            )
+        return self._stack_args or None
+
+    def forward_stack(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """A pure-decode step of any number of rows up to `PACKED_MAX_ROWS`, every layer in one
+        native call (`genserve_decode_stack_bf16`): `forward_mixed`'s calls without the trips
+        back to Python. Needs `_stack()`."""
+        fn, weights, layers = self._stack()
+        cfg = self.cfg
+        t, hid = input_ids.shape[0], cfg.hidden_size
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        inter = cfg.intermediate_size
+        x = self.model.model.embed_tokens(input_ids).contiguous()
+        cos_sin = self.model.rotary.cos_sin_for(positions).contiguous()
+        widths = (hid, (heads + 2 * kv_heads) * d, heads * d, hid, 2 * inter, inter, hid)
+        buffers = [torch.empty(t, n, dtype=torch.bfloat16) for n in widths]
+        scratch = StackScratch(*(b.data_ptr() for b in buffers))
+        out = torch.empty_like(x)
+        tables = ctx.decode_block_tables.contiguous()
+        lens = ctx.decode_context_lens.contiguous()
+        slots = ctx.slot_mapping.contiguous()
+        attn = self.layers[0][1]
+        norm = self.model.model.norm
+        rc = self.lib.genserve_decode_stack_bf16(
+            fn, weights, layers, ctypes.c_int(len(layers)), P(x.data_ptr()), ctypes.c_int(t),
+            P(cos_sin.data_ptr()), P(slots.data_ptr()), P(tables.data_ptr()),
+            ctypes.c_int(tables.shape[1]), P(lens.data_ptr()), I64(ctx.decode_max_context),
+            ctypes.c_int(attn.k_cache.shape[1]), ctypes.c_float(attn.scale),
+            ctypes.byref(scratch), P(norm.weight.data_ptr()), ctypes.c_float(norm.eps),
+            P(out.data_ptr()),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError("native decode step failed (out of memory?)")
+        return out
+
     def forward_mixed(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
@@ -139,9 +211,12 @@ class FusedDecode:
         `PACKED_MAX_ROWS` rows; `F.linear` beyond); what lies between them runs in native
         calls: residual add + RMSNorm, q/k norm + rotary + cache write, SiLU * up, and paged
         attention for the decode rows (prefill chunks attend with PyTorch's SDPA,
-        `PagedAttention._prefill`). Same rounding as the PyTorch path."""
+        `PagedAttention._prefill`). Same rounding as the PyTorch path. Pure-decode steps go
+        to `forward_stack` where it can take them."""
         cfg, lib = self.cfg, self.lib
         t, hid = input_ids.shape[0], cfg.hidden_size
+        if not ctx.prefills and t <= PACKED_MAX_ROWS and self._stack() is not None:
+            return self.forward_stack(input_ids, positions, ctx)
         heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_size, kv_size = heads * d, kv_heads * d
         x = self.model.model.embed_tokens(input_ids).contiguous()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve import hugepages
 from genserve.kernels import load_amx_linear
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ PACK_HINT_ROWS = 32
 class PackedWeight:
     """One [N, K] bf16 weight, packed; `__call__(x, bias, out_f32)` = F.linear(x, W, bias)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """`out`: where to put the AMX packing (`weight.numel()` elements of its dtype)."""
         self.weight = weight.detach()  # the module's own storage: the fallback
         self.n, self.k = weight.shape
         lib = load_amx_linear()
-        if lib is not None and self.n % 16 == 0 and self.k % 32 == 0:
+        if self.amx_packable(weight):
             self.amx = lib
-            self.data = torch.empty_like(self.weight)
+            self.data = torch.empty_like(self.weight) if out is None else out.view_as(weight)
             lib.genserve_amx_pack_bf16(self.weight.data_ptr(), self.data.data_ptr(), self.n, self.k)
         else:
             self.amx = None
@@ -65,6 +67,11 @@ class PackedWeight:
         else:
             y = torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
         return y.float() if out_f32 else y
+
+    @staticmethod
+    def amx_packable(weight: torch.Tensor) -> bool:
+        n, k = weight.shape
+        return load_amx_linear() is not None and n % 16 == 0 and k % 32 == 0
 
     @property
     def nbytes(self) -> int:
@@ -108,8 +115,20 @@ def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
             log.info("not prepacking %.0f MiB of linear weights (budget %.0f MiB)",
                      total / 2**20, budget_bytes / 2**20)  # fmt: skip
         return 0
+    # AMX packings share one arena on huge pages, in the order a step reads them
+    amx = [w for w in weights if PackedWeight.amx_packable(w)]
+    arena = hugepages.empty((sum(w.numel() for w in amx),), weights[0].dtype) if amx else None
+    offset = 0
+
+    def pack(w: torch.Tensor) -> PackedWeight:
+        nonlocal offset
+        if arena is None or not PackedWeight.amx_packable(w):
+            return PackedWeight(w)
+        offset += w.numel()
+        return PackedWeight(w, arena[offset - w.numel() : offset])
+
     for m in linears:
-        m.packed = PackedWeight(m.weight)
+        m.packed = pack(m.weight)
     if head is not None:
-        model.packed_lm_head = PackedWeight(head)
+        model.packed_lm_head = pack(head)
     return total
