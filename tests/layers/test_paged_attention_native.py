@@ -36,9 +36,11 @@ def _reference(q, kc, vc, tables, lens, scale):
     "heads,kv_heads,head_dim,block_size",
     [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 5), (6, 2, 48, 16), (16, 1, 64, 7)],
 )
-def test_native_decode_attention_matches_reference(heads, kv_heads, head_dim, block_size):
+# 3 rows: one work item per (row, KV head); 13 rows: one per row, all its KV heads together
+@pytest.mark.parametrize("rows", [3, 13])
+def test_native_decode_attention_matches_reference(heads, kv_heads, head_dim, block_size, rows):
     g = torch.Generator().manual_seed(heads * 100 + head_dim)
-    lens = torch.tensor([1, 2, 15, 16, 17, 31, 33, 64, 100, 129, 150, 7, 250])
+    lens = torch.tensor([1, 2, 15, 16, 17, 31, 33, 64, 100, 129, 150, 7, 250])[-rows:]
     n = lens.numel()
     width = (int(lens.max()) + block_size - 1) // block_size
     num_blocks = n * width + 10

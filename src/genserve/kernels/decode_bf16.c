@@ -423,17 +423,17 @@ static inline void prefetch_row(const bf16 *row, int d) { /* d bf16s into L1 */
     for (int off = 0; off < d * 2; off += 64) _mm_prefetch((const char *)row + off, _MM_HINT_T0);
 }
 
-/* acc[g * nv + c] = sum_j scores[g, j] * V[j, 16c : 16c + 16] in fp32. The generic loop keeps
- * acc in memory; `pv_fixed`, inlined with constant G and nv, keeps it in registers. */
+/* acc[g * nv + c] += sum_{j0 <= j < j1} scores[g, j] * V[j, 16c : 16c + 16] in fp32, for one
+ * KV head (`v_cache` points at its row of the first slot). `pv_fixed`, inlined with constant
+ * G and nv, keeps acc in registers over the keys; the generic loop keeps it in memory. */
 static inline __attribute__((always_inline)) void pv_fixed(const bf16 *v_cache, const int64_t *rows,
                                                            const float *scores, int64_t lenp,
-                                                           int64_t len, int d, const int G,
+                                                           int64_t j0, int64_t j1, const int G,
                                                            const int nv, __m512 *out) {
     __m512 acc[32];
-    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; j++) {
+    for (int i = 0; i < G * nv; i++) acc[i] = out[i];
+    for (int64_t j = j0; j < j1; j++) {
         const bf16 *v = v_cache + rows[j];
-        if (j + 8 < len) prefetch_row(v_cache + rows[j + 8], d);
         for (int c = 0; c < nv; c++) {
             const __m512 vf = load_bf16x16(v + 16 * c);
             for (int g = 0; g < G; g++)
@@ -445,16 +445,14 @@ static inline __attribute__((always_inline)) void pv_fixed(const bf16 *v_cache, 
 }
 
 static void pv(const bf16 *v_cache, const int64_t *rows, const float *scores, int64_t lenp,
-               int64_t len, int d, int G, int nv, __m512 *acc) {
+               int64_t j0, int64_t j1, int G, int nv, __m512 *acc) {
 #define PV_CASE(g, n) \
-    if (G == g && nv == n) return pv_fixed(v_cache, rows, scores, lenp, len, d, g, n, acc);
+    if (G == g && nv == n) return pv_fixed(v_cache, rows, scores, lenp, j0, j1, g, n, acc);
     PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(5, 4) PV_CASE(6, 4)
     PV_CASE(7, 4) PV_CASE(8, 4) PV_CASE(1, 8) PV_CASE(2, 8) PV_CASE(3, 8) PV_CASE(4, 8)
 #undef PV_CASE
-    for (int i = 0; i < G * nv; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; j++) {
+    for (int64_t j = j0; j < j1; j++) {
         const bf16 *v = v_cache + rows[j];
-        if (j + 8 < len) prefetch_row(v_cache + rows[j + 8], d);
         __m512 vf[16];
         for (int c = 0; c < nv; c++) vf[c] = load_bf16x16(v + 16 * c);
         for (int g = 0; g < G; g++) {
@@ -464,65 +462,84 @@ static void pv(const bf16 *v_cache, const int64_t *rows, const float *scores, in
     }
 }
 
-/* attend_group for head_dim a multiple of 32 (up to 256) and G <= 16, vectorised: scores for
- * 16 keys at a time, softmax with exp512, V accumulated in fp32 vectors. `scores` holds G rows
- * of `lenp` (len rounded up to 16) floats. Same math as attend_group (fp32, one rounding). */
-static void attend_group_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores,
-                                int64_t *rows, int64_t lenp, int t, int kvh, int G) {
+/* attend_group for head_dim a multiple of 32 (up to 256), vectorised, for the `nkv` KV heads
+ * from `kvh0` (G query heads each, nkv * G <= 64; q and out point at head kvh0 * G): scores
+ * for 16 keys at a time, softmax with exp512, V accumulated in fp32 vectors. `scores` holds
+ * nkv * G rows of `lenp` (len rounded up to 16) floats. Same math as attend_group (fp32, one
+ * rounding). With every KV head of a row at once (nkv = KVH), each 16 keys' K rows are read
+ * as the contiguous run they are in the cache, which the hardware prefetchers stream at about
+ * twice the rate of one head's strided rows. */
+static void attend_heads_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, float *scores,
+                                int64_t *rows, int64_t lenp, int t, int kvh0, int nkv, int G) {
     const int d = a->head_dim, bs = a->block_size, KVH = a->num_kv_heads;
-    const int nd = d / 32, nv = d / 16;
+    const int nd = d / 32, nv = d / 16, nh = nkv * G;
     const int64_t len = a->context_lens[t];
     const int64_t *table = a->block_tables + (int64_t)t * a->max_blocks;
-    /* element offset of each key's (and value's) head row in the caches, block by block */
+    /* element offset of each key's first head row in the caches, block by block */
     for (int64_t j = 0, b = 0; j < len; b++)
         for (int64_t r = 0, base = table[b] * bs; r < bs && j < len; r++, j++)
-            rows[j] = ((base + r) * KVH + kvh) * d;
+            rows[j] = (base + r) * KVH * d;
     const __m512 scale = _mm512_set1_ps(a->scale);
-    __m512 mx[16];
-    for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
+    __m512 mx[64];
+    for (int h = 0; h < nh; h++) mx[h] = _mm512_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < len; j0 += 16) {
         const int n = len - j0 < 16 ? (int)(len - j0) : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1);
-        const bf16 *kp[16];
-        for (int jj = 0; jj < 16; jj++) kp[jj] = a->k_cache + rows[j0 + (jj < n ? jj : 0)];
         /* the next chunk's keys may be in other blocks: fetch them while this one computes */
-        for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++) prefetch_row(a->k_cache + rows[j], d);
-        for (int g = 0; g < G; g++) {
-            const bf16 *qg = q + (int64_t)g * d;
-            __m512 v[16];
-            for (int jj = 0; jj < 16; jj++) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int c = 0; c < nd; c++)
-                    acc = _mm512_dpbf16_ps(acc, load_bh(qg + 32 * c, ~0u), load_bh(kp[jj] + 32 * c, ~0u));
-                v[jj] = acc;
+        for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++)
+            prefetch_row(a->k_cache + rows[j] + (int64_t)kvh0 * d, nkv * d);
+        for (int kv = 0; kv < nkv; kv++) {
+            const bf16 *kp[16];
+            for (int jj = 0; jj < 16; jj++)
+                kp[jj] = a->k_cache + rows[j0 + (jj < n ? jj : 0)] + (int64_t)(kvh0 + kv) * d;
+            for (int g = 0; g < G; g++) {
+                const int h = kv * G + g;
+                const bf16 *qg = q + (int64_t)h * d;
+                __m512 v[16];
+                for (int jj = 0; jj < 16; jj++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int c = 0; c < nd; c++)
+                        acc = _mm512_dpbf16_ps(acc, load_bh(qg + 32 * c, ~0u), load_bh(kp[jj] + 32 * c, ~0u));
+                    v[jj] = acc;
+                }
+                const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m,
+                                                     _mm512_mul_ps(reduce16(v), scale));
+                _mm512_storeu_ps(scores + (int64_t)h * lenp + j0, sc);
+                mx[h] = _mm512_max_ps(mx[h], sc);
             }
-            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m,
-                                                _mm512_mul_ps(reduce16(v), scale));
-            _mm512_storeu_ps(scores + (int64_t)g * lenp + j0, s);
-            mx[g] = _mm512_max_ps(mx[g], s);
         }
     }
-    float inv[16];
-    for (int g = 0; g < G; g++) {
-        const __m512 gmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
-        float *sg = scores + (int64_t)g * lenp;
+    float inv[64];
+    for (int h = 0; h < nh; h++) {
+        const __m512 hmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx[h]));
+        float *sh = scores + (int64_t)h * lenp;
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j0 = 0; j0 < len; j0 += 16) {
             const int n = len - j0 < 16 ? (int)(len - j0) : 16;
             const __mmask16 m = (__mmask16)((1u << n) - 1);
-            const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j0), gmax)));
-            _mm512_storeu_ps(sg + j0, e);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + j0), hmax)));
+            _mm512_storeu_ps(sh + j0, e);
             sum = _mm512_add_ps(sum, e);
         }
-        inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[h] = 1.0f / _mm512_reduce_add_ps(sum);
     }
+    /* P.V 16 keys at a time, every KV head of those keys before the next 16: the V rows are
+     * read in cache order, as the K rows were */
     __m512 acc[256];
-    pv(a->v_cache, rows, scores, lenp, len, d, G, nv, acc);
-    for (int g = 0; g < G; g++) {
-        const __m512 s = _mm512_set1_ps(inv[g]);
+    for (int i = 0; i < nh * nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const int64_t j1 = len - j0 < 16 ? len : j0 + 16;
+        for (int64_t j = j1; j < j1 + 16 && j < len; j++)
+            prefetch_row(a->v_cache + rows[j] + (int64_t)kvh0 * d, nkv * d);
+        for (int kv = 0; kv < nkv; kv++)
+            pv(a->v_cache + (int64_t)(kvh0 + kv) * d, rows, scores + (int64_t)kv * G * lenp, lenp, j0,
+               j1, G, nv, acc + kv * G * nv);
+    }
+    for (int h = 0; h < nh; h++) {
+        const __m512 sv = _mm512_set1_ps(inv[h]);
         for (int c = 0; c < nv; c++)
-            _mm256_storeu_si256((__m256i *)(out + (int64_t)g * d + 16 * c),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * nv + c], s)));
+            _mm256_storeu_si256((__m256i *)(out + (int64_t)h * d + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h * nv + c], sv)));
     }
 }
 
@@ -539,26 +556,30 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
     const AttnArgs aa = {k_cache, v_cache, block_tables, context_lens, max_blocks, block_size,
                          H, KVH, D, scale};
     int failed = 0;
+    const int vec = D % 32 == 0 && G <= 16;
+    /* a row's KV heads in one work item once there are rows enough to share out */
+    const int per_row = vec && H * (D / 16) <= 256 && T >= 4 * omp_get_max_threads();
 #pragma omp parallel
     {
-        const int vec = D % 32 == 0 && G <= 16;
         const int64_t lenp = (max_context + 15) / 16 * 16;
-        /* scores [G, lenp] floats, then the key rows [lenp] int64 (or the generic path's acc) */
-        float *buf = thread_buffer((size_t)G * lenp + 2 * (size_t)lenp + (size_t)G * D);
+        /* scores [heads, lenp] floats, then the key rows [lenp] int64 (or the generic path's acc) */
+        float *buf = thread_buffer((size_t)(per_row ? H : G) * lenp + 2 * (size_t)lenp + (size_t)G * D);
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
+        int64_t *rows = (int64_t *)(buf + (size_t)(per_row ? H : G) * lenp);
 #pragma omp for schedule(dynamic)
-        for (int i = 0; i < T * KVH; i++) {
+        for (int i = 0; i < (per_row ? T : T * KVH); i++) {
             if (!buf) continue;
-            const int t = i % T, kvh = i / T;
+            const int t = per_row ? i : i % T, kvh = per_row ? 0 : i / T;
             const int64_t head = (int64_t)kvh * G * D;
             const bf16 *qt = q + t * ldq + head;
             bf16 *ot = out + t * ldo + head;
-            if (vec)
-                attend_group_avx512(&aa, qt, ot, buf, (int64_t *)(buf + (size_t)G * lenp), lenp, t,
-                                    kvh, G);
+            if (per_row)
+                attend_heads_avx512(&aa, qt, ot, buf, rows, lenp, t, 0, KVH, G);
+            else if (vec)
+                attend_heads_avx512(&aa, qt, ot, buf, rows, lenp, t, kvh, 1, G);
             else
                 attend_group(&aa, qt, ot, buf + (size_t)G * D, buf, t, kvh, G);
         }
