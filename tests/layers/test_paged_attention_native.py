@@ -34,11 +34,25 @@ def _reference(q, kc, vc, tables, lens, scale):
 
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,block_size",
-    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 5), (6, 2, 48, 16), (16, 1, 64, 7)],
+    [
+        (9, 3, 64, 16),
+        (4, 4, 32, 4),
+        (8, 2, 128, 5),
+        (6, 2, 48, 16),
+        (16, 1, 64, 7),
+        (8, 2, 128, 32),
+    ],
 )
-# 3 rows: one work item per (row, KV head); 13 rows: one per row, all its KV heads together
+# 3 rows: one work item per (row, KV head); 13 rows: one per row, all its KV heads together.
+# amx: the build whose scores come from AMX tiles (block sizes that are multiples of 16).
 @pytest.mark.parametrize("rows", [3, 13])
-def test_native_decode_attention_matches_reference(heads, kv_heads, head_dim, block_size, rows):
+@pytest.mark.parametrize("amx", [False, True])
+def test_native_decode_attention_matches_reference(
+    heads, kv_heads, head_dim, block_size, rows, amx
+):
+    lib = load_decode_bf16(amx=amx)
+    if lib is None:
+        pytest.skip("CPU without AMX-BF16, or AMX state not granted")
     g = torch.Generator().manual_seed(heads * 100 + head_dim)
     lens = torch.tensor([1, 2, 15, 16, 17, 31, 33, 64, 100, 129, 150, 7, 250])[-rows:]
     n = lens.numel()
@@ -57,7 +71,7 @@ def test_native_decode_attention_matches_reference(heads, kv_heads, head_dim, bl
     ref = _reference(q, att.k_cache, att.v_cache, tables, lens, att.scale)
     with torch.inference_mode(), forward_context(ctx):
         sdpa = att._decode(q, ctx)  # native is None: gathered blocks through SDPA
-        att.native = load_decode_bf16()
+        att.native = lib
         native = att._decode(q, ctx)
     assert native.dtype == torch.bfloat16 and native.shape == q.shape
     err_native = (native.float() - ref).abs().max().item()

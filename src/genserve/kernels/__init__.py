@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached.
 
-`load_decode_bf16()` returns the ctypes library of `decode_bf16.c`, or None when the CPU lacks
-AVX512-BF16, no compiler is found, or the build fails (genserve then runs PyTorch ops only).
+`load_decode_bf16()` returns the ctypes library of `decode_bf16.c` (built with its AMX paths where
+AMX is granted), or None when the CPU lacks AVX512-BF16, no compiler is found, or the build fails
+(genserve then runs PyTorch ops only).
 `load_amx_linear()` likewise for `amx_linear.c` (AMX-BF16 CPUs, once Linux granted AMX state).
 PyTorch must be imported first: the libraries link libgomp by soname and so share its threads.
 """
@@ -102,22 +103,35 @@ def _load(
     return lib
 
 
-@cache
-def load_decode_bf16() -> ctypes.CDLL | None:
+DECODE_SIGNATURES: Signatures = {
     # genserve_decode_layer_bf16 and genserve_decode_stack_bf16 take struct pointers
     # (layers/fused_decode.py builds them)
-    return _load("decode_bf16.c", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), {
-        "genserve_decode_layer_bf16": (None, None),
-        "genserve_decode_stack_bf16": (None, INT),
-        "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], None),
-        "genserve_add_rmsnorm_bf16": ([PTR, PTR, PTR, PTR, INT, INT, FLT], None),
-        "genserve_qkv_post_bf16": ([PTR, INT, INT, INT, INT, PTR, PTR, PTR, FLT, PTR, PTR, PTR], None),
-        "genserve_silu_mul_bf16": ([PTR, PTR, INT, INT], None),
-        "genserve_paged_decode_attention_bf16": (
-            [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, I64, INT, INT, INT, INT, INT, FLT], INT
-        ),
-        "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
-    })  # fmt: skip
+    "genserve_decode_layer_bf16": (None, None),
+    "genserve_decode_stack_bf16": (None, INT),
+    "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], None),
+    "genserve_add_rmsnorm_bf16": ([PTR, PTR, PTR, PTR, INT, INT, FLT], None),
+    "genserve_qkv_post_bf16": ([PTR, INT, INT, INT, INT, PTR, PTR, PTR, FLT, PTR, PTR, PTR], None),
+    "genserve_silu_mul_bf16": ([PTR, PTR, INT, INT], None),
+    "genserve_paged_decode_attention_bf16": (
+        [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, I64, INT, INT, INT, INT, INT, FLT], INT
+    ),
+    "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
+}  # fmt: skip
+
+
+@cache
+def load_decode_bf16(amx: bool | None = None) -> ctypes.CDLL | None:
+    """`decode_bf16.c`, built with its AMX paths (attention scores in tiles) where AMX is
+    granted (`amx=None`: where possible; tests ask for either build)."""
+    base = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    if amx is not False and load_amx_linear() is not None:  # AMX state granted
+        flags = ("-mamx-tile", "-mamx-bf16", "-DGENSERVE_AMX")
+        lib = _load("decode_bf16.c", (*base, "amx_bf16", "amx_tile"), DECODE_SIGNATURES, flags)
+        if lib is not None or amx:
+            return lib
+    if amx:
+        return None
+    return _load("decode_bf16.c", base, DECODE_SIGNATURES)
 
 
 @cache

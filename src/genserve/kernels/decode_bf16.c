@@ -23,6 +23,27 @@
 
 typedef uint16_t bf16;
 
+#ifdef GENSERVE_AMX
+/* Built a second time with -DGENSERVE_AMX (and -mamx-*) for CPUs with AMX-BF16, once Linux has
+ * granted the process AMX state (kernels/__init__.py): attention scores then come from tiles. */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void amx_tiles_16x64(void) { /* every tile 16 rows of 64 bytes, as amx_linear.c */
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+#endif
+
 #define ROWS 4  /* rows of W per register block */
 #define MCHUNK 4 /* rows of X per register block */
 #ifndef PF_ROWS
@@ -482,6 +503,48 @@ static void attend_heads_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
     const __m512 scale = _mm512_set1_ps(a->scale);
     __m512 mx[64];
     for (int h = 0; h < nh; h++) mx[h] = _mm512_set1_ps(-INFINITY);
+#ifdef GENSERVE_AMX
+    /* S^T = K Q^T in tiles: 16 keys of a block (rows of the cache, one KV head, loaded in
+     * place at the slot stride) times the G query heads of that KV head, 32 dims per multiply;
+     * fp32 accumulation of bf16 products as vdpbf16ps. Needs whole 16-key runs in one block. */
+    if (bs % 16 == 0 && nd <= 8) {
+        bf16 qt[8 * 512] __attribute__((aligned(64)));
+        float c[256] __attribute__((aligned(64)));
+        const __m512i col = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
+                                              192, 208, 224, 240);
+        for (int kv = 0; kv < nkv; kv++) {
+            /* Q^T of this KV head's query heads, pairs of dims interleaved: [dims / 2][16][2] */
+            memset(qt, 0, (size_t)nd * 1024);
+            for (int g = 0; g < G; g++)
+                for (int e = 0; e < d; e++)
+                    qt[(e / 32) * 512 + (e % 32 / 2) * 32 + 2 * g + e % 2] = q[(int64_t)(kv * G + g) * d + e];
+            for (int64_t j0 = 0; j0 < len; j0 += 16) {
+                const int n = len - j0 < 16 ? (int)(len - j0) : 16;
+                const __mmask16 m = (__mmask16)((1u << n) - 1);
+                if (kv == 0)
+                    for (int64_t j = j0 + 16; j < j0 + 32 && j < len; j++)
+                        prefetch_row(a->k_cache + rows[j] + (int64_t)kvh0 * d, nkv * d);
+                /* the rows past `len` in the last block are read and masked out below */
+                const bf16 *k0 = a->k_cache + rows[j0] + (int64_t)(kvh0 + kv) * d;
+                _tile_zero(0);
+                for (int cb = 0; cb < nd; cb++) {
+                    _tile_loadd(1, k0 + 32 * cb, KVH * d * 2);
+                    _tile_loadd(2, qt + cb * 512, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, c, 64); /* c[key][head] */
+                for (int g = 0; g < G; g++) {
+                    const int h = kv * G + g;
+                    const __m512 sc = _mm512_mask_mov_ps(
+                        _mm512_set1_ps(-INFINITY), m,
+                        _mm512_mul_ps(_mm512_i32gather_ps(col, c + g, 4), scale));
+                    _mm512_storeu_ps(scores + (int64_t)h * lenp + j0, sc);
+                    mx[h] = _mm512_max_ps(mx[h], sc);
+                }
+            }
+        }
+    } else
+#endif
     for (int64_t j0 = 0; j0 < len; j0 += 16) {
         const int n = len - j0 < 16 ? (int)(len - j0) : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1);
@@ -569,6 +632,9 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
             failed = 1;
         }
         int64_t *rows = (int64_t *)(buf + (size_t)(per_row ? H : G) * lenp);
+#ifdef GENSERVE_AMX
+        amx_tiles_16x64();
+#endif
 #pragma omp for schedule(dynamic)
         for (int i = 0; i < (per_row ? T : T * KVH); i++) {
             if (!buf) continue;
@@ -583,6 +649,9 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
             else
                 attend_group(&aa, qt, ot, buf + (size_t)G * D, buf, t, kvh, G);
         }
+#ifdef GENSERVE_AMX
+        _tile_release();
+#endif
     }
     return failed ? -1 : 0;
 }
