@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from genserve import hugepages
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.request import Request
 from genserve.models.loader import resolve_model_dir
@@ -65,6 +66,9 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     engine = LLMEngine.from_model(args.model_id, dtype=args.dtype)
+    # steady state, as a server that has been up for a few seconds: the KV cache's memory is
+    # committed by a background thread after start-up (genserve/hugepages.py)
+    hugepages.wait_prefaulted()
     vocab = engine.model_config.vocab_size
     genserve_tps(engine, prompts(2, vocab, seed=99))  # warm-up
     hf = None

@@ -82,7 +82,8 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in model.model.layers:
-            k, v = hugepages.empty(shape, dtype), hugepages.empty(shape, dtype)
+            k = hugepages.empty(shape, dtype, prefault=True)
+            v = hugepages.empty(shape, dtype, prefault=True)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
         # bf16: pure-decode steps of few rows run through the fused native layer kernel, every
