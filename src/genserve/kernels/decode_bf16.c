@@ -200,6 +200,20 @@ void genserve_gemm_bf16(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx,
 
 /* out = w * bf16(x * rsqrt(mean(x^2) + eps)), the transformers RMSNorm in bf16 */
 static void rmsnorm_row(const bf16 *x, const bf16 *w, bf16 *out, int n, float eps) {
+    if (n % 16 == 0) { /* the same rounding, 16 lanes at a time (another order of the fp32 sum) */
+        __m512 ss = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            const __m512 v = load_bf16x16(x + i);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)n + eps));
+        for (int i = 0; i < n; i += 16) {
+            const __m512 r = round_bf16x16(_mm512_mul_ps(load_bf16x16(x + i), inv));
+            _mm256_storeu_si256((__m256i *)(out + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16x16(w + i), r)));
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int i = 0; i < n; i++) {
         const float v = bf2f(x[i]);
@@ -212,7 +226,16 @@ static void rmsnorm_row(const bf16 *x, const bf16 *w, bf16 *out, int n, float ep
 /* rotate-half rotary in fp32, rounded once: x: [D] in place; cs: [D] = cos(half) | sin(half) */
 static void rope_head(bf16 *x, const float *cs, int d) {
     const int h = d / 2;
-    for (int i = 0; i < h; i++) {
+    int i = 0;
+    for (; i + 16 <= h; i += 16) {
+        const __m512 x1 = load_bf16x16(x + i), x2 = load_bf16x16(x + i + h);
+        const __m512 c = _mm512_loadu_ps(cs + i), sn = _mm512_loadu_ps(cs + h + i);
+        _mm256_storeu_si256((__m256i *)(x + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, sn))));
+        _mm256_storeu_si256((__m256i *)(x + i + h),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, sn))));
+    }
+    for (; i < h; i++) {
         const float x1 = bf2f(x[i]), x2 = bf2f(x[i + h]);
         const float c = cs[i], s = cs[h + i];
         x[i] = f2bf(x1 * c - x2 * s);
@@ -666,31 +689,15 @@ void genserve_add_rmsnorm_bf16(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *
 #pragma omp parallel for
     for (int t = 0; t < T; t++) {
         bf16 *xr = x + (int64_t)t * hid;
-        const bf16 *dr = delta ? delta + (int64_t)t * hid : NULL;
-        if (hid % 16) {
-            if (dr)
-                for (int i = 0; i < hid; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
-            rmsnorm_row(xr, w, out + (int64_t)t * hid, hid, eps);
-            continue;
+        if (delta) {
+            const bf16 *dr = delta + (int64_t)t * hid;
+            int i = 0;
+            for (; i + 16 <= hid; i += 16)
+                _mm256_storeu_si256((__m256i *)(xr + i),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load_bf16x16(xr + i), load_bf16x16(dr + i))));
+            for (; i < hid; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
         }
-        /* the same rounding as the scalar path, 16 lanes at a time; only the order of the
-         * fp32 sum of squares differs */
-        __m512 ss = _mm512_setzero_ps();
-        for (int i = 0; i < hid; i += 16) {
-            __m512 v = load_bf16x16(xr + i);
-            if (dr) {
-                v = round_bf16x16(_mm512_add_ps(v, load_bf16x16(dr + i)));
-                _mm256_storeu_si256((__m256i *)(xr + i), (__m256i)_mm512_cvtneps_pbh(v));
-            }
-            ss = _mm512_fmadd_ps(v, v, ss);
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)hid + eps));
-        bf16 *o = out + (int64_t)t * hid;
-        for (int i = 0; i < hid; i += 16) {
-            const __m512 n = round_bf16x16(_mm512_mul_ps(load_bf16x16(xr + i), inv));
-            _mm256_storeu_si256((__m256i *)(o + i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16x16(w + i), n)));
-        }
+        rmsnorm_row(xr, w, out + (int64_t)t * hid, hid, eps);
     }
 }
 
