@@ -88,7 +88,8 @@ class ModelRunner:
             self.kv_caches.append((k, v))
         # bf16: pure-decode steps of few rows run through the fused native layer kernel, every
         # other step through packed matmuls with native small ops and paged attention
-        # (`FusedDecode.forward_mixed`). Where FusedDecode declines the model (dynamic rope),
+        # (`FusedDecode.forward_mixed`; with AMX, pure-decode steps run all layers in one native
+        # call, `FusedDecode.forward_stack`). Where FusedDecode declines the model (dynamic rope),
         # the PyTorch model runs, its attention modules still using the native kernel for bf16
         # decode rows (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None

@@ -2,8 +2,10 @@
 
 For bfloat16 Llama-family models (not dynamic rope) the model runner sends a pure-decode step
 of up to `MAX_ROWS` rows through the fused layer kernel (`forward`), and every other step
-through `forward_mixed` (PyTorch's matmuls, native everything else); float32 runs the PyTorch
-model. The kernels read the model's own parameter and KV-cache storage: nothing is copied.
+through `forward_mixed`: matmuls on prepacked weights, native everything else. A pure-decode
+step of more rows whose linears are all packed for AMX runs every layer in one native call
+(`forward_stack`). float32 runs the PyTorch model. The kernels read the model's own parameter
+and KV-cache storage: nothing is copied.
 """
 
 from __future__ import annotations
