@@ -18,6 +18,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "amx.h"
 #include "common.h"
 
 typedef uint16_t bf16;
@@ -28,12 +29,6 @@ typedef uint16_t bf16;
 int genserve_amx_init(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
 }
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
 
 /* W [N, K] row-major -> P [N/16][K/32][16 input pairs][16 outputs][2] */
 void genserve_amx_pack_bf16(const bf16 *W, bf16 *P, int N, int K) {
@@ -75,14 +70,7 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
     }
 #pragma omp parallel
     {
-        TileConfig cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        amx_tiles_16x64();
         float c[32 * 32] __attribute__((aligned(64)));
         /* pairs of 16-column blocks; an odd last block runs alone */
 #pragma omp for schedule(static)

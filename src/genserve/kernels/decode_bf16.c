@@ -26,22 +26,7 @@ typedef uint16_t bf16;
 #ifdef GENSERVE_AMX
 /* Built a second time with -DGENSERVE_AMX (and -mamx-*) for CPUs with AMX-BF16, once Linux has
  * granted the process AMX state (kernels/__init__.py): attention scores then come from tiles. */
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
-
-static void amx_tiles_16x64(void) { /* every tile 16 rows of 64 bytes, as amx_linear.c */
-    TileConfig cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
+#include "amx.h"
 #endif
 
 #define ROWS 4  /* rows of W per register block */
