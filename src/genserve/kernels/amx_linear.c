@@ -60,13 +60,18 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                              int ldy, int M, int N, int K, int out_f32) {
     if (K % 32 || N % 16 || M <= 0) return -1;
     const int Mp = (M + 31) / 32 * 32, nk = K / 32, nblocks = N / 16;
-    bf16 *xp = xpad_buffer((size_t)Mp * K);
-    if (!xp) return -1;
-    for (int m = 0; m < Mp; m++) {
-        if (m < M)
-            memcpy(xp + (int64_t)m * K, X + (int64_t)m * ldx, (size_t)K * sizeof(bf16));
-        else
-            memset(xp + (int64_t)m * K, 0, (size_t)K * sizeof(bf16));
+    /* whole blocks of 32 rows are read in place; a last partial block from a zero-padded copy */
+    const int Mfull = M / 32 * 32;
+    bf16 *tail = NULL;
+    if (Mfull < M) {
+        tail = xpad_buffer((size_t)32 * K);
+        if (!tail) return -1;
+        for (int m = 0; m < 32; m++) {
+            if (Mfull + m < M)
+                memcpy(tail + (int64_t)m * K, X + (int64_t)(Mfull + m) * ldx, (size_t)K * sizeof(bf16));
+            else
+                memset(tail + (int64_t)m * K, 0, (size_t)K * sizeof(bf16));
+        }
     }
 #pragma omp parallel
     {
@@ -78,7 +83,9 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
             const int nb = 2 * pb, two = nb + 1 < nblocks;
             const bf16 *p0 = P + (int64_t)nb * nk * 512, *p1 = p0 + (int64_t)nk * 512;
             for (int m0 = 0; m0 < Mp; m0 += 32) {
-                const bf16 *x0 = xp + (int64_t)m0 * K, *x1 = x0 + (int64_t)16 * K;
+                const bf16 *x0 = m0 < Mfull ? X + (int64_t)m0 * ldx : tail;
+                const int64_t ld = m0 < Mfull ? ldx : K, stride = ld * 2;
+                const bf16 *x1 = x0 + 16 * ld;
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
@@ -93,8 +100,8 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                             for (int l = 0; l < 1024; l += 64)
                                 _mm_prefetch(nx + (int64_t)nk * 1024 + l, _MM_HINT_T0);
                     }
-                    _tile_loadd(4, x0 + kb * 32, K * 2);
-                    _tile_loadd(5, x1 + kb * 32, K * 2);
+                    _tile_loadd(4, x0 + kb * 32, stride);
+                    _tile_loadd(5, x1 + kb * 32, stride);
                     _tile_loadd(6, p0 + (int64_t)kb * 512, 64);
                     _tile_dpbf16ps(0, 4, 6);
                     _tile_dpbf16ps(2, 5, 6);
