@@ -117,6 +117,12 @@ DECODE_SIGNATURES: Signatures = {
     ),
     "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
 }  # fmt: skip
+DECODE_AMX_SIGNATURES: Signatures = {
+    **DECODE_SIGNATURES,
+    "genserve_prefill_attention_amx": (
+        [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT, FLT], INT
+    ),
+}  # fmt: skip
 
 
 @cache
@@ -126,7 +132,7 @@ def load_decode_bf16(amx: bool | None = None) -> ctypes.CDLL | None:
     base = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
     if amx is not False and load_amx_linear() is not None:  # AMX state granted
         flags = ("-mamx-tile", "-mamx-bf16", "-DGENSERVE_AMX")
-        lib = _load("decode_bf16.c", (*base, "amx_bf16", "amx_tile"), DECODE_SIGNATURES, flags)
+        lib = _load("decode_bf16.c", (*base, "amx_bf16", "amx_tile"), DECODE_AMX_SIGNATURES, flags)
         if lib is not None or amx:
             return lib
     if amx:

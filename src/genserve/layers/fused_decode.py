@@ -229,6 +229,7 @@ class FusedDecode:
         act = torch.empty(t, cfg.intermediate_size, dtype=torch.bfloat16)
         eps = cfg.rms_norm_eps
         delta: torch.Tensor | None = None
+        prefill = self._prefill_args(ctx) if ctx.prefills else None
         for layer, (w, attn) in zip(self.model.model.layers, self.layers, strict=True):
             sa, mlp = layer.self_attn, layer.mlp
             lib.genserve_add_rmsnorm_bf16(
@@ -241,7 +242,12 @@ class FusedDecode:
             )  # fmt: skip
             if ctx.num_decode and attn.decode_native(lib, qkv, qkv.shape[1], attn_out, q_size, ctx):
                 raise RuntimeError("native paged attention failed (out of memory?)")
-            for p in ctx.prefills:
+            native_prefill = prefill is not None and not lib.genserve_prefill_attention_amx(
+                qkv.data_ptr(), qkv.shape[1], attn_out.data_ptr(), q_size, attn.k_cache.data_ptr(),
+                attn.v_cache.data_ptr(), *prefill[1], heads, kv_heads, d, attn.k_cache.shape[1],
+                attn.scale,
+            )  # fmt: skip
+            for p in () if native_prefill else ctx.prefills:
                 rows = slice(p.token_start, p.token_start + p.num_tokens)
                 q, k, v = qkv[rows].split([q_size, kv_size, kv_size], dim=-1)
                 out = attn._prefill(
@@ -262,6 +268,25 @@ class FusedDecode:
             x.data_ptr(), _ptr(delta), norm.weight.data_ptr(), out.data_ptr(), t, hid, norm.eps
         )
         return out
+
+    def _prefill_args(self, ctx: ForwardContext) -> tuple | None:
+        """The prefill chunks of a step as `genserve_prefill_attention_amx` takes them (built
+        with AMX only): (tensors to keep alive, the pointer and count arguments)."""
+        if not hasattr(self.lib, "genserve_prefill_attention_amx"):
+            return None
+        chunks = ctx.prefills
+        width = max(p.block_table.numel() for p in chunks)
+        tables = torch.zeros(len(chunks), width, dtype=torch.int64)
+        for i, p in enumerate(chunks):
+            tables[i, : p.block_table.numel()] = p.block_table
+        meta = torch.tensor(
+            [[p.token_start for p in chunks], [p.num_tokens for p in chunks],
+             [p.context_len for p in chunks]],
+            dtype=torch.int64,
+        )  # fmt: skip
+        args = (tables.data_ptr(), width, meta[0].data_ptr(), meta[1].data_ptr(),
+                meta[2].data_ptr(), len(chunks))  # fmt: skip
+        return (tables, meta), args
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] bf16 -> [N, vocab] float32 (fp32 accumulation, no bf16 rounding)."""
