@@ -27,6 +27,18 @@ typedef uint16_t bf16;
 /* Built a second time with -DGENSERVE_AMX (and -mamx-*) for CPUs with AMX-BF16, once Linux has
  * granted the process AMX state (kernels/__init__.py): attention scores then come from tiles. */
 #include "amx.h"
+
+/* The B operand of tile products whose columns are 16 rows of d bf16s (NULL: a zero column):
+ * pairs of dims as dwords, [d / 32 tiles][16 pairs][16 columns]. */
+static void pack_pair_columns(const bf16 *const cols[16], int d, uint32_t *dst) {
+    for (int c = 0; c < d / 32; c++)
+        for (int kp = 0; kp < 16; kp++)
+            for (int n = 0; n < 16; n++) {
+                uint32_t pair = 0;
+                if (cols[n]) memcpy(&pair, cols[n] + 32 * c + 2 * kp, sizeof pair);
+                dst[c * 256 + kp * 16 + n] = pair;
+            }
+}
 #endif
 
 #define ROWS 4  /* rows of W per register block */
@@ -516,16 +528,14 @@ static void attend_heads_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
      * place at the slot stride) times the G query heads of that KV head, 32 dims per multiply;
      * fp32 accumulation of bf16 products as vdpbf16ps. Needs whole 16-key runs in one block. */
     if (bs % 16 == 0 && nd <= 8) {
-        bf16 qt[8 * 512] __attribute__((aligned(64)));
+        uint32_t qt[8 * 256] __attribute__((aligned(64)));
         float c[256] __attribute__((aligned(64)));
         const __m512i col = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
                                               192, 208, 224, 240);
         for (int kv = 0; kv < nkv; kv++) {
-            /* Q^T of this KV head's query heads, pairs of dims interleaved: [dims / 2][16][2] */
-            memset(qt, 0, (size_t)nd * 1024);
-            for (int g = 0; g < G; g++)
-                for (int e = 0; e < d; e++)
-                    qt[(e / 32) * 512 + (e % 32 / 2) * 32 + 2 * g + e % 2] = q[(int64_t)(kv * G + g) * d + e];
+            const bf16 *heads[16] = {NULL}; /* Q^T: this KV head's query heads as columns */
+            for (int g = 0; g < G; g++) heads[g] = q + (int64_t)(kv * G + g) * d;
+            pack_pair_columns(heads, d, qt);
             for (int64_t j0 = 0; j0 < len; j0 += 16) {
                 const int n = len - j0 < 16 ? (int)(len - j0) : 16;
                 const __mmask16 m = (__mmask16)((1u << n) - 1);
@@ -537,7 +547,7 @@ static void attend_heads_avx512(const AttnArgs *a, const bf16 *q, bf16 *out, flo
                 _tile_zero(0);
                 for (int cb = 0; cb < nd; cb++) {
                     _tile_loadd(1, k0 + 32 * cb, KVH * d * 2);
-                    _tile_loadd(2, qt + cb * 512, 64);
+                    _tile_loadd(2, qt + cb * 256, 64);
                     _tile_dpbf16ps(0, 1, 2);
                 }
                 _tile_stored(0, c, 64); /* c[key][head] */
@@ -686,11 +696,13 @@ static void prefill_item(const bf16 *qkv, int64_t ld, bf16 *out, int64_t ldo, co
     float *obuf = (float *)(qpad + 16 * (size_t)D);   /* [16][64] */
     const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
                                          8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t j = 0; j < c32; j++) { /* K^T: dword (dim pair) kp of key j */
-        const uint32_t *row = j < ctx ? (const uint32_t *)(k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * D) : NULL;
-        for (int c = 0; c < nd; c++)
-            for (int kp = 0; kp < 16; kp++)
-                kt[((j / 16) * nd + c) * 256 + kp * 16 + j % 16] = row ? row[c * 16 + kp] : 0;
+    for (int64_t j0 = 0; j0 < c32; j0 += 16) { /* K^T: 16 keys as columns */
+        const bf16 *keys[16];
+        for (int n = 0; n < 16; n++) {
+            const int64_t j = j0 + n;
+            keys[n] = j < ctx ? k_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * D : NULL;
+        }
+        pack_pair_columns(keys, D, kt + (j0 / 16) * nd * 256);
     }
     for (int64_t j = 0; j < c32; j += 2) { /* V: keys j, j + 1 interleaved, 16 dims a tile */
         const bf16 *r0 = j < ctx ? v_cache + ((table[j / bs] * bs + j % bs) * KVH + kvh) * D : NULL;
