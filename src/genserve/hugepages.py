@@ -40,7 +40,7 @@ _worker: threading.Thread | None = None
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, *, prefault: bool = False) -> torch.Tensor:
     """A zero-filled tensor of `shape`, on huge pages where the system grants them."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < HUGE_PAGE or advice is None:
         return torch.zeros(shape, dtype=dtype)
