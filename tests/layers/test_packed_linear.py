@@ -17,6 +17,7 @@ from genserve.layers.packed_linear import (
     pack_linear_weights,
     packing_supported,
 )
+from genserve.sampling.sampler import argmax_rows
 
 pytestmark = pytest.mark.skipif(
     not packing_supported(torch.bfloat16), reason="neither AMX nor oneDNN bf16 on this CPU"
@@ -75,3 +76,41 @@ def test_packing_respects_budget():
     lin = Linear(64, 64).bfloat16()
     assert pack_linear_weights(lin, budget_bytes=100) == 0
     assert lin.packed is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 70])
+@pytest.mark.parametrize(("n", "n_valid"), [(4096, 4096), (960, 950), (48, 17), (16, 16)])
+def test_fused_argmax_chooses_as_argmax_rows(rows, n, n_valid):
+    """The output projection's fused argmax picks what argmax_rows picks on the fp32 logits
+    it would have written, columns past n_valid (padded vocabulary) never chosen."""
+    if load_amx_linear() is None:
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(rows * n)
+    w = torch.randn(n, 64).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    head = PackedWeight(w)
+    logits = head(x, out_f32=True)
+    got = head.argmax(x, n_valid)
+    assert got is not None and got.dtype == torch.int64
+    assert torch.equal(got, argmax_rows(logits[:, :n_valid]))
+    assert torch.equal(got, logits[:, :n_valid].argmax(dim=1))
+
+
+def test_fused_argmax_ties_and_inf_rows():
+    """Ties go to the first column (across lanes and threads); a row whose logits are all
+    -inf gives 0, as argmax_rows; no AMX packing: None (the caller computes logits)."""
+    if load_amx_linear() is None:
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(1)
+    w = torch.randn(2048, 64).bfloat16()
+    for col in (1500, 37, 900):  # equal columns: the same logit, the first one wins
+        w[col] = w[600]
+    x = torch.stack([w[600], w[600], torch.zeros(64, dtype=torch.bfloat16)]).contiguous()
+    head = PackedWeight(w)
+    got = head.argmax(x, 2048)
+    assert got[:2].tolist() == [37, 37]
+    assert got.tolist() == argmax_rows(head(x, out_f32=True)).tolist()
+    w_inf = torch.full((64, 64), float("-inf")).bfloat16()
+    x_pos = torch.ones(2, 64).bfloat16()
+    assert PackedWeight(w_inf).argmax(x_pos, 64).tolist() == [0, 0]
+    assert head.argmax(x, 0) is None and head.argmax(x, 2049) is None

@@ -83,6 +83,18 @@ class Sampler:
         logprobs, top_tokens = _logprobs(scores, token_ids, plan)
         return SamplerOutput(token_ids.tolist(), logprobs, top_tokens)
 
+    def greedy_only(self, requests: Sequence[Request]) -> bool:
+        """True when every row takes the argmax of its raw logits and wants neither logprobs
+        nor top tokens: the model runner may then choose the tokens itself (`greedy_output`)."""
+        plan = self._plan_for(requests, torch.device("cpu"))
+        return plan.pipeline is None and not plan.sample_rows and not any(plan.want_logprobs)
+
+    @staticmethod
+    def greedy_output(token_ids: torch.Tensor) -> SamplerOutput:
+        """The output for the tokens a runner chose under `greedy_only`."""
+        n = token_ids.shape[0]
+        return SamplerOutput(token_ids.tolist(), [None] * n, [[] for _ in range(n)])
+
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator and grammar matcher."""
         self._generators.pop(request_id, None)
