@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genserve.kernels import load_amx_linear
+from genserve.kernels import load_amx_linear, load_decode_bf16
 from genserve.layers import packed_linear as pl
 from genserve.layers.packed_linear import (
     PACKED_MAX_ROWS,
@@ -114,3 +114,27 @@ def test_fused_argmax_ties_and_inf_rows():
     x_pos = torch.ones(2, 64).bfloat16()
     assert PackedWeight(w_inf).argmax(x_pos, 64).tolist() == [0, 0]
     assert head.argmax(x, 0) is None and head.argmax(x, 2049) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 70])
+@pytest.mark.parametrize(("inter", "k"), [(1536, 576), (48, 64), (16, 32)])
+def test_glu_is_silu_mul_of_the_linear(rows, inter, k):
+    """The gate_up projection with silu_and_mul in its epilogue gives exactly the bf16 values of
+    the linear followed by the native silu_mul (itself PyTorch's silu(g) * u within rounding)."""
+    lib = load_decode_bf16()
+    if load_amx_linear() is None or lib is None:
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(rows + inter)
+    w = (torch.randn(2 * inter, k) * 0.3).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
+    gate_up = PackedWeight(w)
+    gu = gate_up(x)
+    expected = torch.empty(rows, inter, dtype=torch.bfloat16)
+    lib.genserve_silu_mul_bf16(gu.data_ptr(), expected.data_ptr(), rows, inter)
+    got = gate_up.glu(x)
+    assert got is not None and torch.equal(got, expected)
+    g, u = gu.split(inter, dim=1)
+    ref = (F.silu(g) * u).float()
+    assert (got.float() - ref).abs().max() <= ref.abs().max() * 2**-7
+    # 48 outputs: 24 intermediate columns, not whole 16-column blocks: the caller falls back
+    assert PackedWeight(torch.randn(48, k).bfloat16()).glu(x) is None

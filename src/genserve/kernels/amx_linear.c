@@ -22,8 +22,7 @@
 
 #include "amx.h"
 #include "common.h"
-
-typedef uint16_t bf16;
+#include "vec_math.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -73,36 +72,32 @@ static int x_tail(const bf16 *X, int ldx, int M, int K, bf16 **tail) {
     return 0;
 }
 
-/* c[32 rows][32 columns] (fp32) = the 32 rows of X from m0 times column blocks nb and nb + 1
- * (only nb when `two` is 0). While the first row block multiplies, the next column pair's
- * tiles are prefetched into L2: the weight streams from memory at its bandwidth instead of its
+/* c[32 rows][32 columns] (fp32) = 32 rows of X (x0, row stride ld) times the packed column
+ * blocks p0 and p1 (p1 NULL: p0 only, columns 16-31 of c left undefined). next0/next1 (or
+ * NULL): tiles to prefetch into L2 meanwhile, one per k step: the first row block fetches the
+ * next blocks' tiles, so the weight streams from memory at its bandwidth instead of its
  * latency (into L2 rather than L1: the L1 fill buffers stay free for the loads, ~5% faster). */
-static inline __attribute__((always_inline)) void amx_block(const bf16 *X, int64_t ldx,
-                                                            const bf16 *tail, int Mfull,
-                                                            const bf16 *P, int nb, int nblocks,
-                                                            int nk, int K, int m0, float *c) {
-    const int two = nb + 1 < nblocks;
-    const bf16 *p0 = P + (int64_t)nb * nk * 512, *p1 = p0 + (int64_t)nk * 512;
-    const bf16 *x0 = m0 < Mfull ? X + (int64_t)m0 * ldx : tail;
-    const int64_t ld = m0 < Mfull ? ldx : K, stride = ld * 2;
+static inline __attribute__((always_inline)) void amx_block(const bf16 *x0, int64_t ld,
+                                                            const bf16 *p0, const bf16 *p1,
+                                                            const bf16 *next0, const bf16 *next1,
+                                                            int nk, float *c) {
+    const int64_t stride = ld * 2;
     const bf16 *x1 = x0 + 16 * ld;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int kb = 0; kb < nk; kb++) {
-        if (m0 == 0 && nb + 2 < nblocks) {
-            const char *nx = (const char *)(p0 + (int64_t)2 * nk * 512 + (int64_t)kb * 512);
-            for (int l = 0; l < 1024; l += 64) _mm_prefetch(nx + l, _MM_HINT_T1);
-            if (nb + 3 < nblocks)
-                for (int l = 0; l < 1024; l += 64) _mm_prefetch(nx + (int64_t)nk * 1024 + l, _MM_HINT_T1);
-        }
+        if (next0)
+            for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(next0 + (int64_t)kb * 512) + l, _MM_HINT_T1);
+        if (next1)
+            for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(next1 + (int64_t)kb * 512) + l, _MM_HINT_T1);
         _tile_loadd(4, x0 + kb * 32, stride);
         _tile_loadd(5, x1 + kb * 32, stride);
         _tile_loadd(6, p0 + (int64_t)kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
-        if (two) {
+        if (p1) {
             _tile_loadd(7, p1 + (int64_t)kb * 512, 64);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
@@ -114,6 +109,10 @@ static inline __attribute__((always_inline)) void amx_block(const bf16 *X, int64
     _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
+/* The 32 rows of X from m0, for amx_block: in place, or the zero-padded copy of the last ones */
+#define X_ROWS(m0) ((m0) < Mfull ? X + (int64_t)(m0) * ldx : tail)
+#define X_LD(m0) ((m0) < Mfull ? (int64_t)ldx : (int64_t)K)
+
 /* Y[M, N] = X[M, K] . W^T (+ bias), P from genserve_amx_pack_bf16. K % 32 == 0, N % 16 == 0.
  * Y: bf16 (out_f32 = 0) or fp32, row stride ldy. Returns 0, or -1 (then nothing was written)
  * when the shapes are unsupported or memory ran out. */
@@ -121,6 +120,7 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                              int ldy, int M, int N, int K, int out_f32) {
     if (K % 32 || N % 16 || M <= 0) return -1;
     const int Mp = (M + 31) / 32 * 32, nk = K / 32, nblocks = N / 16, Mfull = M / 32 * 32;
+    const int64_t tile_col = (int64_t)nk * 512; /* elements of one packed 16-column block */
     bf16 *tail;
     if (x_tail(X, ldx, M, K, &tail)) return -1;
 #pragma omp parallel
@@ -131,14 +131,15 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
 #pragma omp for schedule(static)
         for (int pb = 0; pb < (nblocks + 1) / 2; pb++) {
             const int nb = 2 * pb, two = nb + 1 < nblocks;
+            const bf16 *p0 = P + nb * tile_col;
             for (int m0 = 0; m0 < Mp; m0 += 32) {
-                amx_block(X, ldx, tail, Mfull, P, nb, nblocks, nk, K, m0, c);
+                amx_block(X_ROWS(m0), X_LD(m0), p0, two ? p0 + tile_col : NULL,
+                          m0 == 0 && nb + 2 < nblocks ? p0 + 2 * tile_col : NULL,
+                          m0 == 0 && nb + 3 < nblocks ? p0 + 3 * tile_col : NULL, nk, c);
                 const int rows = M - m0 < 32 ? M - m0 : 32;
                 for (int h = 0; h <= two; h++) {
                     const int n = (nb + h) * 16;
-                    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n))), 16))
-                                          : _mm512_setzero_ps();
+                    const __m512 b = bias ? load_bf16x16(bias + n) : _mm512_setzero_ps();
                     for (int r = 0; r < rows; r++) {
                         const int64_t m = m0 + r;
                         const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 32 + 16 * h), b);
@@ -147,6 +148,44 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                         else
                             _mm256_storeu_si256((__m256i *)((bf16 *)Y + m * ldy + n), (__m256i)_mm512_cvtneps_pbh(v));
                     }
+                }
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+}
+
+/* act[M, I] = bf16(bf16(silu(g)) * u) for [g | u] = X . W^T, W the [2 I, K] gate and up
+ * projections stacked (gate rows first), packed by genserve_amx_pack_bf16: the gate_up linear
+ * and silu_and_mul in one pass, without the [M, 2 I] buffer. Each step pairs the gate's
+ * column block j with the up projection's block j; both are rounded to bf16 first, so `act`
+ * is exactly genserve_silu_mul_bf16 of genserve_amx_linear_bf16's output. I % 16 == 0.
+ * Returns 0, or -1 (nothing written) as genserve_amx_linear_bf16. */
+int genserve_amx_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int ldact, int M,
+                          int I, int K) {
+    if (K % 32 || I % 16 || M <= 0) return -1;
+    const int Mp = (M + 31) / 32 * 32, nk = K / 32, nblocks = I / 16, Mfull = M / 32 * 32;
+    const int64_t tile_col = (int64_t)nk * 512, up = (int64_t)nblocks * tile_col;
+    bf16 *tail;
+    if (x_tail(X, ldx, M, K, &tail)) return -1;
+#pragma omp parallel
+    {
+        amx_tiles_16x64();
+        float c[32 * 32] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int j = 0; j < nblocks; j++) {
+            const bf16 *g = P + j * tile_col;
+            for (int m0 = 0; m0 < Mp; m0 += 32) {
+                const int more = m0 == 0 && j + 1 < nblocks;
+                amx_block(X_ROWS(m0), X_LD(m0), g, g + up, more ? g + tile_col : NULL,
+                          more ? g + up + tile_col : NULL, nk, c);
+                const int rows = M - m0 < 32 ? M - m0 : 32;
+                for (int r = 0; r < rows; r++) {
+                    const __m512 gv = round_bf16x16(_mm512_load_ps(c + r * 32));
+                    const __m512 uv = round_bf16x16(_mm512_load_ps(c + r * 32 + 16));
+                    _mm256_storeu_si256((__m256i *)(act + (int64_t)(m0 + r) * ldact + j * 16),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu_bf16x16(gv), uv)));
                 }
             }
         }
@@ -166,6 +205,7 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
     if (K % 32 || N % 16 || M <= 0 || n_valid <= 0 || n_valid > N) return -1;
     const int Mp = (M + 31) / 32 * 32, nk = K / 32, Mfull = M / 32 * 32;
     const int nblocks = (n_valid + 15) / 16; /* column blocks wholly past n_valid: skipped */
+    const int64_t tile_col = (int64_t)nk * 512;
     bf16 *tail;
     if (x_tail(X, ldx, M, K, &tail)) return -1;
     const int nth = omp_get_max_threads();
@@ -190,7 +230,10 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
         for (int pb = 0; pb < (nblocks + 1) / 2; pb++) {
             const int nb = 2 * pb, two = nb + 1 < nblocks;
             for (int m0 = 0; m0 < Mp; m0 += 32) {
-                amx_block(X, ldx, tail, Mfull, P, nb, nblocks, nk, K, m0, c);
+                const bf16 *p0 = P + nb * tile_col;
+                amx_block(X_ROWS(m0), X_LD(m0), p0, two ? p0 + tile_col : NULL,
+                          m0 == 0 && nb + 2 < nblocks ? p0 + 2 * tile_col : NULL,
+                          m0 == 0 && nb + 3 < nblocks ? p0 + 3 * tile_col : NULL, nk, c);
                 const int rows = M - m0 < 32 ? M - m0 : 32;
                 for (int h = 0; h <= two; h++) {
                     const int n = (nb + h) * 16;

@@ -20,8 +20,7 @@
 #include <string.h>
 
 #include "common.h"
-
-typedef uint16_t bf16;
+#include "vec_math.h"
 
 #ifdef GENSERVE_AMX
 /* Built a second time with -DGENSERVE_AMX (and -mamx-*) for CPUs with AMX-BF16, once Linux has
@@ -63,16 +62,6 @@ static inline bf16 f2bf(float f) {
 }
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
-
-static inline __m512 load_bf16x16(const bf16 *p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-static inline __m512 round_bf16x16(__m512 x) { /* through bf16 (RNE) and back */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
 
 static inline __m512bh load_bh(const bf16 *p, __mmask32 mask) {
     return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
@@ -421,24 +410,6 @@ static void attend_group(const AttnArgs *a, const bf16 *q, bf16 *out, float *sco
     }
     for (int g = 0; g < G; g++)
         for (int i = 0; i < d; i++) out[(int64_t)g * d + i] = f2bf(acc[(int64_t)g * d + i] * inv[g]);
-}
-
-/* exp on 16 lanes for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial on
- * x - n ln2, scaled by 2^n; relative error ~1e-7, far below the bf16 rounding of the output. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* Horizontal sums of 16 vectors at once: out[i] = sum of v[i]'s lanes (a transpose-add tree:
@@ -877,16 +848,7 @@ void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
         bf16 *a = act + (int64_t)t * I;
         int j = 0;
         for (; j + 16 <= I; j += 16) {
-            /* g / (1 + exp(-g)) = g * num / (1 + e), e = exp(-|g|), num = 1 (g >= 0) or e:
-             * no overflow, and the reciprocal of 1 + e in [1, 2] from rcp14 and one Newton
-             * step (within an ulp of the division, far below bf16's rounding) */
-            const __m512 gv = load_bf16x16(g + j), one = _mm512_set1_ps(1.0f);
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
-            const __m512 den = _mm512_add_ps(e, one);
-            __m512 r = _mm512_rcp14_ps(den);
-            r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.0f)));
-            const __m512 num = _mm512_mask_mov_ps(one, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), e);
-            const __m512 silu = round_bf16x16(_mm512_mul_ps(_mm512_mul_ps(gv, num), r));
+            const __m512 silu = silu_bf16x16(load_bf16x16(g + j));
             _mm256_storeu_si256((__m256i *)(a + j),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load_bf16x16(u + j))));
         }
@@ -903,6 +865,9 @@ void genserve_silu_mul_bf16(const bf16 *gu, bf16 *act, int T, int I) {
  * AMX library): the same calls in the same order, without going back to Python between them. */
 typedef int (*LinearFn)(const bf16 *X, int ldx, const bf16 *P, const bf16 *bias, void *Y,
                         int ldy, int M, int N, int K, int out_f32);
+/* amx_linear.c's genserve_amx_glu_bf16: gate_up linear and silu_and_mul in one pass */
+typedef int (*GluFn)(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int ldact, int M, int I,
+                     int K);
 
 typedef struct {
     const bf16 *qkv, *o, *gate_up, *down; /* packed for `linear` */
@@ -920,8 +885,9 @@ typedef struct {
 } StackScratch;
 
 /* x: [T, hidden] embeddings, the residual stream (updated in place); out: the final-normed
- * hidden states. Returns 0, or -1 when a kernel could not get memory (the step is lost). */
-int genserve_decode_stack_bf16(LinearFn linear, const LayerWeights *w, const StackLayer *layers,
+ * hidden states. `glu` (or NULL: linear, then genserve_silu_mul_bf16 through s->gu) runs the
+ * MLP's first half. Returns 0, or -1 when a kernel could not get memory (the step is lost). */
+int genserve_decode_stack_bf16(LinearFn linear, GluFn glu, const LayerWeights *w, const StackLayer *layers,
                                int num_layers, bf16 *x, int T, const float *cos_sin,
                                const int64_t *slot_mapping, const int64_t *block_tables,
                                int max_blocks, const int64_t *context_lens, int64_t max_context,
@@ -944,8 +910,12 @@ int genserve_decode_stack_bf16(LinearFn linear, const LayerWeights *w, const Sta
             return -1;
         if (linear(s->attn, q_size, p->o, NULL, s->o, hid, T, hid, q_size, 0)) return -1;
         genserve_add_rmsnorm_bf16(x, s->o, lw->ln2, s->h, T, hid, lw->eps);
-        if (linear(s->h, hid, p->gate_up, NULL, s->gu, 2 * I, T, 2 * I, hid, 0)) return -1;
-        genserve_silu_mul_bf16(s->gu, s->act, T, I);
+        if (glu) {
+            if (glu(s->h, hid, p->gate_up, s->act, I, T, I, hid)) return -1;
+        } else {
+            if (linear(s->h, hid, p->gate_up, NULL, s->gu, 2 * I, T, 2 * I, hid, 0)) return -1;
+            genserve_silu_mul_bf16(s->gu, s->act, T, I);
+        }
         if (linear(s->act, I, p->down, NULL, s->down, hid, T, hid, I, 0)) return -1;
         delta = s->down;
     }

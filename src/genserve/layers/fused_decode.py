@@ -163,9 +163,16 @@ class FusedDecode:
                 for g, (_, attn) in zip(packed, self.layers, strict=True)
             ]  # fmt: skip
             n = len(stack)
-            fn = ctypes.cast(packed[0][0].amx.genserve_amx_linear_bf16, P)
+            amx = packed[0][0].amx
+            fn = ctypes.cast(amx.genserve_amx_linear_bf16, P)
+            glu = (
+                ctypes.cast(amx.genserve_amx_glu_bf16, P)
+                if self.cfg.intermediate_size % 16 == 0
+                else None
+            )
             self._stack_args = (
                 fn,
+                glu,
                 (LayerWeights * n)(*(w for w, _ in self.layers)),
                 (StackLayer * n)(*stack),
             )
@@ -177,7 +184,7 @@ class FusedDecode:
         """A pure-decode step of any number of rows up to `PACKED_MAX_ROWS`, every layer in one
         native call (`genserve_decode_stack_bf16`): `forward_mixed`'s calls without the trips
         back to Python. Needs `_stack()`."""
-        fn, weights, layers = self._stack()
+        fn, glu, weights, layers = self._stack()
         cfg = self.cfg
         t, hid = input_ids.shape[0], cfg.hidden_size
         heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -194,7 +201,7 @@ class FusedDecode:
         attn = self.layers[0][1]
         norm = self.model.model.norm
         rc = self.lib.genserve_decode_stack_bf16(
-            fn, weights, layers, ctypes.c_int(len(layers)), P(x.data_ptr()), ctypes.c_int(t),
+            fn, glu, weights, layers, ctypes.c_int(len(layers)), P(x.data_ptr()), ctypes.c_int(t),
             P(cos_sin.data_ptr()), P(slots.data_ptr()), P(tables.data_ptr()),
             ctypes.c_int(tables.shape[1]), P(lens.data_ptr()), I64(ctx.decode_max_context),
             ctypes.c_int(attn.k_cache.shape[1]), ctypes.c_float(attn.scale),
@@ -259,15 +266,26 @@ class FusedDecode:
             lib.genserve_add_rmsnorm_bf16(
                 x.data_ptr(), o.data_ptr(), w.ln2, h.data_ptr(), t, hid, eps
             )
-            gu = mlp.gate_up_proj(h)
-            lib.genserve_silu_mul_bf16(gu.data_ptr(), act.data_ptr(), t, cfg.intermediate_size)
-            delta = mlp.down_proj(act)
+            delta = mlp.down_proj(self._glu(mlp.gate_up_proj, h, act))
         out = torch.empty_like(x)
         norm = self.model.model.norm
         lib.genserve_add_rmsnorm_bf16(
             x.data_ptr(), _ptr(delta), norm.weight.data_ptr(), out.data_ptr(), t, hid, norm.eps
         )
         return out
+
+    def _glu(self, gate_up: torch.nn.Module, h: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the stacked gate_up projection of h: in one pass on its AMX
+        packing (`PackedWeight.glu`) where the rows are few enough, else the linear, then
+        `genserve_silu_mul_bf16` into `act`. The same bf16 values either way."""
+        packed = getattr(gate_up, "packed", None)
+        if packed is not None and h.shape[0] <= PACKED_MAX_ROWS:
+            out = packed.glu(h)
+            if out is not None:
+                return out
+        gu = gate_up(h)
+        self.lib.genserve_silu_mul_bf16(gu.data_ptr(), act.data_ptr(), h.shape[0], act.shape[1])
+        return act
 
     def _prefill_args(self, ctx: ForwardContext) -> tuple | None:
         """The prefill chunks of a step as `genserve_prefill_attention_amx` takes them (built

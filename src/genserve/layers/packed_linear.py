@@ -81,6 +81,21 @@ class PackedWeight:
         )  # fmt: skip
         return out if rc == 0 else None
 
+    def glu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the stacked gate and up projections ([2 I, K]): bf16(bf16(silu(g)) * u) of
+        [g | u] = this linear's output, [M, I], in one pass (exactly `genserve_silu_mul_bf16`
+        of `self(x)`). None where the weight has no AMX packing."""
+        if self.amx is None or x.dim() != 2 or self.n % 32:
+            return None
+        x = x.contiguous()
+        inter = self.n // 2
+        act = torch.empty(x.shape[0], inter, dtype=torch.bfloat16)
+        rc = self.amx.genserve_amx_glu_bf16(
+            x.data_ptr(), self.k, self.data.data_ptr(), act.data_ptr(), inter, x.shape[0], inter,
+            self.k,
+        )  # fmt: skip
+        return act if rc == 0 else None
+
     @staticmethod
     def amx_packable(weight: torch.Tensor) -> bool:
         n, k = weight.shape
