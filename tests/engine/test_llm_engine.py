@@ -112,34 +112,60 @@ def test_bf16_native_path_under_preemption_aborts_and_chunks(model_dir, record_p
             assert len(out[req.request_id]) == req.stopping.max_new_tokens
 
 
-def test_all_greedy_batch_chooses_in_the_output_projection(model_dir):
-    """An all-greedy bfloat16 batch that wants no logprobs (the offline API, benchmarks) takes
-    its tokens from the output projection's fused argmax where the head is AMX-packed: the
-    same tokens as logits + argmax_rows. A row that wants its logprob keeps the logits path."""
-    greedy = [
-        Request(f"g{i}", [(i * 31 + j * 17) % 40000 + 100 for j in range(3 + i)],
-                SamplingParams(logprobs=False),
-                StoppingParams(max_new_tokens=12, ignore_eos=True))
-        for i in range(40)
-    ]  # fmt: skip
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_all_greedy_batch_chooses_in_the_output_projection(model_dir, logprobs):
+    """An all-greedy bfloat16 batch without top tokens takes its tokens (and logprobs, where
+    asked) from the output projection's fused argmax where the head is AMX-packed: the same
+    tokens as logits + sampler, logprobs within fp32 summation order. A row that asks for top
+    tokens keeps the logits path."""
+
+    def requests():
+        return [
+            Request(f"g{i}", [(i * 31 + j * 17) % 40000 + 100 for j in range(3 + i)],
+                    SamplingParams(logprobs=logprobs),
+                    StoppingParams(max_new_tokens=12, ignore_eos=True))
+            for i in range(40)
+        ]  # fmt: skip
+
     engine = make_engine(model_dir, dtype="bfloat16")
     head = getattr(engine.runner.model, "packed_lm_head", None)
     fused_calls = []
     if head is not None and head.amx is not None:
         argmax = head.argmax
         head.argmax = lambda *a: fused_calls.append(a[0].shape[0]) or argmax(*a)
-    out, _ = run(engine, greedy)
+    lps = _record_logprobs(engine)
+    out, _ = run(engine, requests())
     reference = make_engine(model_dir, dtype="bfloat16")
     reference.sampler.greedy_only = lambda requests: False
-    expected, _ = run(reference, [Request(r.request_id, r.prompt_token_ids, r.sampling,
-                                          r.stopping) for r in greedy])  # fmt: skip
+    ref_lps = _record_logprobs(reference)
+    expected, _ = run(reference, requests())
     assert out == expected
+    for rid, values in ref_lps.items():
+        if logprobs:
+            assert values == pytest.approx(lps[rid], rel=1e-5, abs=1e-5)
+        else:
+            assert values == lps[rid] == [None] * len(values)
     if head is not None and head.amx is not None:
         assert fused_calls and max(fused_calls) > 16, fused_calls
-    with_details = Request("d", greedy[0].prompt_token_ids, SamplingParams(logprobs=True),
-                           StoppingParams(max_new_tokens=12, ignore_eos=True))  # fmt: skip
-    assert not engine.sampler.greedy_only([with_details])
-    assert run(engine, [with_details])[0]["d"] == expected["g0"]
+    top = Request("d", requests()[0].prompt_token_ids, SamplingParams(top_n_tokens=2),
+                  StoppingParams(max_new_tokens=12, ignore_eos=True))  # fmt: skip
+    assert not engine.sampler.greedy_only([top])
+    assert run(engine, [top])[0]["d"] == expected["g0"]
+
+
+def _record_logprobs(engine: LLMEngine) -> dict[str, list]:
+    """Each event's logprob, per request id, as the engine steps."""
+    into: dict[str, list] = {}
+    step = engine.step
+
+    def recording_step():
+        events = step()
+        for ev in events:
+            into.setdefault(ev.request_id, []).append(ev.logprob)
+        return events
+
+    engine.step = recording_step
+    return into
 
 
 def test_chunked_prefill_and_prefix_cache(model_dir):

@@ -4,6 +4,8 @@ AMX kernel takes and shapes it leaves to oneDNN; fp32 output is the unrounded ac
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,18 +84,23 @@ def test_packing_respects_budget():
 @pytest.mark.parametrize(("n", "n_valid"), [(4096, 4096), (960, 950), (48, 17), (16, 16)])
 def test_fused_argmax_chooses_as_argmax_rows(rows, n, n_valid):
     """The output projection's fused argmax picks what argmax_rows picks on the fp32 logits
-    it would have written, columns past n_valid (padded vocabulary) never chosen."""
+    it would have written, columns past n_valid (padded vocabulary) never chosen; its
+    logprobs are those logits' log_softmax at the choice (as the sampler computes them)."""
     if load_amx_linear() is None:
         pytest.skip("no AMX-BF16 on this CPU")
     torch.manual_seed(rows * n)
     w = torch.randn(n, 64).bfloat16()
     x = torch.randn(rows, 64).bfloat16()
     head = PackedWeight(w)
-    logits = head(x, out_f32=True)
-    got = head.argmax(x, n_valid)
-    assert got is not None and got.dtype == torch.int64
-    assert torch.equal(got, argmax_rows(logits[:, :n_valid]))
-    assert torch.equal(got, logits[:, :n_valid].argmax(dim=1))
+    logits = head(x, out_f32=True)[:, :n_valid]
+    ids, none = head.argmax(x, n_valid)
+    assert none is None and ids.dtype == torch.int64
+    assert torch.equal(ids, argmax_rows(logits))
+    assert torch.equal(ids, logits.argmax(dim=1))
+    same, lps = head.argmax(x, n_valid, logprobs=True)
+    assert torch.equal(same, ids) and lps.dtype == torch.float32
+    expected = (logits.gather(1, ids.unsqueeze(1)) - logits.logsumexp(1, keepdim=True)).squeeze(1)
+    torch.testing.assert_close(lps, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_argmax_ties_and_inf_rows():
@@ -107,12 +114,15 @@ def test_fused_argmax_ties_and_inf_rows():
         w[col] = w[600]
     x = torch.stack([w[600], w[600], torch.zeros(64, dtype=torch.bfloat16)]).contiguous()
     head = PackedWeight(w)
-    got = head.argmax(x, 2048)
+    got, lps = head.argmax(x, 2048, logprobs=True)
     assert got[:2].tolist() == [37, 37]
+    # four equal best logits: each has at most log(1/4); a row of zeros: every logit 0
+    assert lps[0].item() <= -math.log(4) + 1e-6
+    assert lps[2].item() == pytest.approx(-math.log(2048), abs=1e-5)
     assert got.tolist() == argmax_rows(head(x, out_f32=True)).tolist()
     w_inf = torch.full((64, 64), float("-inf")).bfloat16()
     x_pos = torch.ones(2, 64).bfloat16()
-    assert PackedWeight(w_inf).argmax(x_pos, 64).tolist() == [0, 0]
+    assert PackedWeight(w_inf).argmax(x_pos, 64)[0].tolist() == [0, 0]
     assert head.argmax(x, 0) is None and head.argmax(x, 2049) is None
 
 

@@ -191,11 +191,14 @@ class LLMEngine:
             if self.fault_hook is not None:
                 self.fault_hook(out)
             greedy = bool(samplers) and self.sampler.greedy_only(samplers)
-            logits, prompt_lps = self.runner.execute(out, prompt_rows, greedy=greedy)
-            if greedy:
-                sampled = self.sampler.greedy_output(logits)  # the runner chose: token ids
+            result, prompt_lps = self.runner.execute(
+                out, prompt_rows, greedy=greedy,
+                logprobs=greedy and self.sampler.wants_logprobs(samplers),
+            )  # fmt: skip
+            if greedy:  # the runner chose: (token ids, logprobs)
+                sampled = self.sampler.greedy_output(samplers, *result)
             else:
-                sampled = self.sampler(logits, samplers) if samplers else None
+                sampled = self.sampler(result, samplers) if samplers else None
         except Exception as e:  # noqa: BLE001 - isolate the failure to this step's requests
             log.exception("engine step failed; failing %d requests", len(out.scheduled))
             failed = self._fail([s.request for s in out.scheduled], f"{type(e).__name__}: {e}")

@@ -149,7 +149,7 @@ def load_amx_linear() -> ctypes.CDLL | None:
             "genserve_amx_init": ([], INT),
             "genserve_amx_pack_bf16": ([PTR, PTR, INT, INT], None),
             "genserve_amx_linear_bf16": ([PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT], INT),
-            "genserve_amx_linear_argmax_bf16": ([PTR, INT, PTR, INT, INT, INT, INT, PTR], INT),
+            "genserve_amx_linear_argmax_bf16": ([PTR, INT, PTR, INT, INT, INT, INT, PTR, PTR], INT),
             "genserve_amx_glu_bf16": ([PTR, INT, PTR, PTR, INT, INT, INT, INT], INT),
         },
         ("-mamx-tile", "-mamx-bf16"),

@@ -197,11 +197,13 @@ int genserve_amx_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int 
 /* out[m] = argmax over columns n < n_valid of (X . W^T)[m, n]: the output projection and a
  * greedy choice in one pass, without writing the [M, N] fp32 logits. The values are those
  * genserve_amx_linear_bf16 computes (same tiles, same order), and the choice is that of
- * genserve_argmax_f32 on them: the first maximum, NaN never chosen, 0 for a row of -inf. Each
- * thread keeps, per row, the best value and its column in each of 16 lanes; threads and lanes
- * are merged at the end. Returns 0, or -1 (nothing written) as genserve_amx_linear_bf16. */
+ * genserve_argmax_f32 on them: the first maximum, NaN never chosen, 0 for a row of -inf.
+ * With `logprob` (else NULL), also logprob[m] = that maximum - logsumexp of the row's values
+ * (NaN ignored), from a running sum of exp(value - running max) per lane.
+ * Each thread keeps, per row and lane, the best value, its column and that sum; threads and
+ * lanes are merged at the end. Returns 0, or -1 (nothing written) as genserve_amx_linear_bf16. */
 int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M, int N, int K,
-                                    int n_valid, int64_t *out) {
+                                    int n_valid, int64_t *out, float *logprob) {
     if (K % 32 || N % 16 || M <= 0 || n_valid <= 0 || n_valid > N) return -1;
     const int Mp = (M + 31) / 32 * 32, nk = K / 32, Mfull = M / 32 * 32;
     const int nblocks = (n_valid + 15) / 16; /* column blocks wholly past n_valid: skipped */
@@ -209,8 +211,8 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
     bf16 *tail;
     if (x_tail(X, ldx, M, K, &tail)) return -1;
     const int nth = omp_get_max_threads();
-    /* per thread and row: 16 lane maxima, then their 16 columns */
-    char *lanes = aligned_alloc(64, (size_t)nth * M * 128);
+    /* per thread and row, 48 lanes: 16 maxima, their 16 columns, 16 sums of exp(v - max) */
+    char *lanes = aligned_alloc(64, (size_t)nth * M * 192);
     if (!lanes) return -1;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     int used = 1;
@@ -219,12 +221,13 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
         amx_tiles_16x64();
         float c[32 * 32] __attribute__((aligned(64)));
         const int tid = omp_get_thread_num();
-        float *bv = (float *)(lanes + (size_t)tid * M * 128);
+        float *bv = (float *)(lanes + (size_t)tid * M * 192);
 #pragma omp single
         used = omp_get_num_threads();
         for (int r = 0; r < M; r++) {
-            _mm512_store_ps(bv + r * 32, _mm512_set1_ps(-INFINITY));
-            _mm512_store_si512((__m512i *)(bv + r * 32 + 16), _mm512_setzero_si512());
+            _mm512_store_ps(bv + r * 48, _mm512_set1_ps(-INFINITY));
+            _mm512_store_si512((__m512i *)(bv + r * 48 + 16), _mm512_setzero_si512());
+            _mm512_store_ps(bv + r * 48 + 32, _mm512_setzero_ps());
         }
 #pragma omp for schedule(static)
         for (int pb = 0; pb < (nblocks + 1) / 2; pb++) {
@@ -241,12 +244,21 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
                                                            : (__mmask16)((1u << (n_valid - n)) - 1);
                     const __m512i col = _mm512_add_epi32(iota, _mm512_set1_epi32(n));
                     for (int r = 0; r < rows; r++) {
-                        float *s = bv + (m0 + r) * 32;
+                        float *s = bv + (m0 + r) * 48;
                         const __m512 v = _mm512_load_ps(c + r * 32 + 16 * h), best = _mm512_load_ps(s);
                         const __mmask16 gt = _mm512_mask_cmp_ps_mask(in, v, best, _CMP_GT_OQ);
-                        _mm512_store_ps(s, _mm512_mask_mov_ps(best, gt, v));
+                        const __m512 top = _mm512_mask_mov_ps(best, gt, v);
+                        _mm512_store_ps(s, top);
                         _mm512_store_si512((__m512i *)(s + 16),
                                            _mm512_mask_mov_epi32(_mm512_load_si512((const __m512i *)(s + 16)), gt, col));
+                        if (logprob) {
+                            __m512 sum = _mm512_load_ps(s + 32);
+                            if (gt) /* a lane's maximum rose: rescale its sum */
+                                sum = _mm512_mask_mul_ps(sum, gt, sum, exp512(_mm512_sub_ps(best, top)));
+                            const __mmask16 ok = _mm512_mask_cmp_ps_mask(in, v, v, _CMP_ORD_Q);
+                            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(v, top))));
+                            _mm512_store_ps(s + 32, sum);
+                        }
                     }
                 }
             }
@@ -257,7 +269,7 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
         float best = -INFINITY;
         int64_t at = 0;
         for (int t = 0; t < used; t++) {
-            const float *s = (const float *)(lanes + (size_t)t * M * 128) + r * 32;
+            const float *s = (const float *)(lanes + (size_t)t * M * 192) + r * 48;
             const int32_t *idx = (const int32_t *)(s + 16);
             for (int l = 0; l < 16; l++)
                 if (s[l] > best || (s[l] == best && best > -INFINITY && idx[l] < at)) {
@@ -266,6 +278,15 @@ int genserve_amx_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M
                 }
         }
         out[r] = at;
+        if (logprob) { /* max - (max + log sum exp(v - max)) */
+            double total = 0.0;
+            for (int t = 0; t < used; t++) {
+                const float *s = (const float *)(lanes + (size_t)t * M * 192) + r * 48;
+                for (int l = 0; l < 16; l++)
+                    if (s[l] > -INFINITY) total += (double)s[32 + l] * exp((double)s[l] - best);
+            }
+            logprob[r] = best > -INFINITY ? (float)-log(total) : NAN;
+        }
     }
     free(lanes);
     return 0;

@@ -68,18 +68,22 @@ class PackedWeight:
             y = torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
         return y.float() if out_f32 else y
 
-    def argmax(self, x: torch.Tensor, n_valid: int) -> torch.Tensor | None:
-        """`F.linear(x, W).float()[:, :n_valid].argmax(1)` as `argmax_rows` chooses it, without
-        the logits: one pass over the AMX packing. None where the weight has no AMX packing."""
+    def argmax(
+        self, x: torch.Tensor, n_valid: int, logprobs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(`F.linear(x, W).float()[:, :n_valid].argmax(1)` as `argmax_rows` chooses it, and
+        with `logprobs` the chosen values' log_softmax, else None), without the logits: one
+        pass over the AMX packing. None where the weight has no AMX packing."""
         if self.amx is None or x.dim() != 2 or not 0 < n_valid <= self.n:
             return None
         x = x.contiguous()
-        out = torch.empty(x.shape[0], dtype=torch.long)
+        ids = torch.empty(x.shape[0], dtype=torch.long)
+        lps = torch.empty(x.shape[0], dtype=torch.float32) if logprobs else None
         rc = self.amx.genserve_amx_linear_argmax_bf16(
             x.data_ptr(), self.k, self.data.data_ptr(), x.shape[0], self.n, self.k, n_valid,
-            out.data_ptr(),
+            ids.data_ptr(), None if lps is None else lps.data_ptr(),
         )  # fmt: skip
-        return out if rc == 0 else None
+        return (ids, lps) if rc == 0 else None
 
     def glu(self, x: torch.Tensor) -> torch.Tensor | None:
         """For the stacked gate and up projections ([2 I, K]): bf16(bf16(silu(g)) * u) of

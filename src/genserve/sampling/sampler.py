@@ -84,16 +84,28 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), logprobs, top_tokens)
 
     def greedy_only(self, requests: Sequence[Request]) -> bool:
-        """True when every row takes the argmax of its raw logits and wants neither logprobs
-        nor top tokens: the model runner may then choose the tokens itself (`greedy_output`)."""
+        """True when every row takes the argmax of its raw logits and wants no top tokens:
+        the model runner may then choose the tokens itself, with their logprobs where a row
+        wants them (`wants_logprobs`), and `greedy_output` makes this step's output."""
         plan = self._plan_for(requests, torch.device("cpu"))
-        return plan.pipeline is None and not plan.sample_rows and not any(plan.want_logprobs)
+        return plan.pipeline is None and not plan.sample_rows and not any(plan.top_n)
 
-    @staticmethod
-    def greedy_output(token_ids: torch.Tensor) -> SamplerOutput:
-        """The output for the tokens a runner chose under `greedy_only`."""
+    def wants_logprobs(self, requests: Sequence[Request]) -> bool:
+        return any(self._plan_for(requests, torch.device("cpu")).want_logprobs)
+
+    def greedy_output(
+        self, requests: Sequence[Request], token_ids: torch.Tensor, logprobs: torch.Tensor | None
+    ) -> SamplerOutput:
+        """The output for the tokens (and log_softmax values, or None) a runner chose under
+        `greedy_only`: a logprob for each row that wants one."""
+        want = self._plan_for(requests, torch.device("cpu")).want_logprobs
         n = token_ids.shape[0]
-        return SamplerOutput(token_ids.tolist(), [None] * n, [[] for _ in range(n)])
+        lps = [None] * n if logprobs is None else logprobs.tolist()
+        return SamplerOutput(
+            token_ids.tolist(),
+            [lp if w else None for lp, w in zip(lps, want, strict=True)],
+            [[] for _ in range(n)],
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator and grammar matcher."""
