@@ -52,26 +52,35 @@ def _decode_logits(runner, steps=6, rows=3, mixed=False):
     return torch.stack(out)
 
 
-# 2 rows: the fused layer kernel (FusedDecode.MAX_ROWS); 12 rows: forward_mixed, matmuls on
-# prepacked weights with the native small ops and paged attention; mixed: forward_mixed with
-# decode rows beside a prefill chunk
-@pytest.mark.parametrize(("rows", "mixed"), [(2, False), (12, False), (6, True)])
+# 2 and 12 rows: with AMX, every layer of the step in one native call (forward_stack), else 2
+# rows through the fused layer kernel (FusedDecode.MAX_ROWS) and 12 through forward_mixed
+# (matmuls on prepacked weights with the native small ops and paged attention); layer: the
+# fused layer kernel forced where AMX would take the step; mixed: forward_mixed with decode
+# rows beside a prefill chunk
+@pytest.mark.parametrize(
+    ("rows", "mixed", "layer"),
+    [(2, False, False), (2, False, True), (12, False, False), (6, True, False)],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed, monkeypatch):
+def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed, layer, monkeypatch):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
-    stacked = []  # steps run through forward_stack (all layers in one native call)
+    stacked, layered = [], []  # steps through forward_stack, through the layer kernel
     fd = fused_runner.fused
     monkeypatch.setattr(
         fd, "forward_stack", lambda *a: stacked.append(1) or type(fd).forward_stack(fd, *a)
     )
+    monkeypatch.setattr(fd, "forward", lambda *a: layered.append(1) or type(fd).forward(fd, *a))
+    if layer:
+        monkeypatch.setattr(fd, "_stack", lambda: None)
     assert fused_runner.fused is not None and fused_runner.fused.MAX_ROWS == 2
     assert (
         fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
     )
     fused = _decode_logits(fused_runner, rows=rows, mixed=mixed)
-    # with AMX, 12 pure-decode rows take the one-call path; 2 rows the fused layer kernel
-    assert len(stacked) == (6 if rows == 12 and load_amx_linear() is not None else 0)
+    amx_stack = load_amx_linear() is not None and not layer
+    assert len(stacked) == (6 if amx_stack and not mixed else 0)
+    assert len(layered) == (6 if rows == 2 and not amx_stack else 0)
     torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows, mixed=mixed)
     exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows, mixed=mixed)
     err_fused = (fused - exact).abs().mean().item()

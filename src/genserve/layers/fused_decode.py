@@ -1,10 +1,10 @@
 """bfloat16 steps through the native kernels (`kernels/decode_bf16.c`).
 
 For bfloat16 Llama-family models (not dynamic rope) the model runner sends a pure-decode step
-of up to `MAX_ROWS` rows through the fused layer kernel (`forward`), and every other step
-through `forward_mixed`: matmuls on prepacked weights, native everything else. A pure-decode
-step of more rows whose linears are all packed for AMX runs every layer in one native call
-(`forward_stack`). float32 runs the PyTorch model. The kernels read the model's own parameter
+whose linears are all packed for AMX through one native call for every layer
+(`forward_stack`); without AMX, a pure-decode step of up to `MAX_ROWS` rows goes through the
+fused layer kernel (`forward`). Every other step goes through `forward_mixed`: matmuls on
+prepacked weights, native everything else. float32 runs the PyTorch model. The kernels read the model's own parameter
 and KV-cache storage: nothing is copied.
 """
 
@@ -105,11 +105,14 @@ class FusedDecode:
     # prepacked weights (`forward_mixed`: AMX tiles, or oneDNN) beat the kernel's AVX512 dot
     # products. SmolLM2-135M, 2 threads, AMX, ms per step fused | mixed: 1 row 13.5 | 18.7,
     # 2 rows 16.3 | 16.6, 3 rows 22.0 | 21.4, 4 rows 25.6 | 19.0, 8 rows 43.9 | 23.2.
+    # Where every linear is packed in AMX tiles, the one-call stack (`forward_stack`) beats the
+    # fused layer from one row on (same window, fused | stack: 1 row 12.4 | 11.4, 2 rows 16.2 |
+    # 12.4): the layer kernel then serves CPUs with AVX512-BF16 and no AMX.
     MAX_ROWS = 2
 
-    @classmethod
-    def supports(cls, ctx: ForwardContext) -> bool:
-        return not ctx.prefills and 0 < ctx.num_decode <= cls.MAX_ROWS
+    def supports(self, ctx: ForwardContext) -> bool:
+        """Whether `forward` (the fused layer kernel) takes this step."""
+        return not ctx.prefills and 0 < ctx.num_decode <= self.MAX_ROWS and self._stack() is None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
