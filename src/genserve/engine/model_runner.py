@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from genserve import hugepages
+from genserve import allocator, hugepages
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -75,6 +75,7 @@ class ModelRunner:
         self.cfg = cfg
         self.dtype = dtype
         self.block_size = cache.block_size
+        allocator.retain_step_buffers()  # steps reuse their buffers' memory without faults
         # before sizing the KV cache from free memory: the packed copy takes its share first
         self.packed_bytes = 0
         if native_kernels and native_enabled() and packing_supported(dtype):
@@ -87,10 +88,10 @@ class ModelRunner:
             v = hugepages.empty(shape, dtype, prefault=True)
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.kv_caches.append((k, v))
-        # bf16: pure-decode steps of few rows run through the fused native layer kernel, every
-        # other step through packed matmuls with native small ops and paged attention
-        # (`FusedDecode.forward_mixed`; with AMX, pure-decode steps run all layers in one native
-        # call, `FusedDecode.forward_stack`). Where FusedDecode declines the model (dynamic rope),
+        # bf16: with AMX, pure-decode steps run all layers in one native call
+        # (`FusedDecode.forward_stack`); without, pure-decode steps of few rows run through the
+        # fused native layer kernel; every other step through packed matmuls with native small
+        # ops and paged attention (`FusedDecode.forward_mixed`). Where FusedDecode declines the model (dynamic rope),
         # the PyTorch model runs, its attention modules still using the native kernel for bf16
         # decode rows (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
