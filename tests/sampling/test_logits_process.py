@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from genserve.engine.request import Request
-from genserve.sampling.logits_process import LogitsPipeline, count_tokens
+from genserve.sampling.logits_process import LogitsPipeline, TopP, count_tokens
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig
 
@@ -235,3 +235,21 @@ def test_full_pipeline_order():
         for tok, b in p.logit_bias.items():
             row[tok] += b
         torch.testing.assert_close(out[i], transformers_warp(row, p), rtol=1e-5, atol=1e-5)
+
+
+def test_top_p_nucleus_within_and_beyond_the_candidates(monkeypatch):
+    """TopP takes the most likely `CANDIDATES` tokens with topk and sorts a row whole only when
+    its nucleus is wider: both kinds of row, and a top_p of 1 beside them, mask exactly what
+    transformers' warper masks."""
+    monkeypatch.setattr(TopP, "CANDIDATES", 64)
+    g = torch.Generator().manual_seed(5)
+    peaked = torch.randn(2, 3000, generator=g) * 6  # nucleus of a few tokens
+    flat = torch.randn(2, 3000, generator=g) * 0.1  # nucleus of thousands
+    logits = torch.cat([peaked, flat, peaked[:1]])
+    params = [SamplingParams(top_p=p) for p in (0.9, 0.5, 0.95, 0.3)] + [SamplingParams()]
+    requests = [Request(f"p{i}", [1], sampling=p) for i, p in enumerate(params)]
+    out = LogitsPipeline.build(requests, 3000, logits.device)(logits.clone(), requests)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(out[i], transformers_warp(logits[i], p), rtol=0, atol=0)
+    kept = (~torch.isinf(out)).sum(1).tolist()
+    assert kept[0] < 64 and kept[2] > 64 and kept[4] == 3000, kept

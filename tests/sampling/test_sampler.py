@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from genserve.engine.request import Request
+from genserve.sampling import sampler as sampler_module
 from genserve.sampling.params import SamplingParams
-from genserve.sampling.sampler import Sampler, top_tokens
+from genserve.sampling.sampler import Sampler, sample_rows, top_tokens
 from genserve.sampling.watermark import WatermarkConfig
 
 VOCAB = 500
@@ -32,7 +33,7 @@ def test_greedy_is_argmax_with_no_processor():
     expected = torch.log_softmax(logits, 1).gather(1, logits.argmax(1, keepdim=True))[:, 0]
     torch.testing.assert_close(torch.tensor(out.logprobs), expected)
     assert out.top_tokens == [[]] * 6
-    assert not sampler._generators  # greedy rows never get a generator
+    assert not sampler._streams  # greedy rows never get a random stream
 
 
 def test_logprobs_off_and_padded_vocab():
@@ -102,10 +103,10 @@ def test_same_seed_same_tokens_and_release():
     params = SamplingParams(do_sample=True, seed=5)
     a, b = Request("a", [1], sampling=params), Request("b", [1], sampling=params)
     assert generate(sampler, [a, b], [1, 1], steps=6)[0] == b.output_token_ids
-    assert set(sampler._generators) == {"a", "b"}
+    assert set(sampler._streams) == {"a", "b"}
     sampler.release("a")
     sampler.release("unknown")
-    assert set(sampler._generators) == {"b"}
+    assert set(sampler._streams) == {"b"}
 
 
 def test_unseeded_sampling_still_samples():
@@ -181,3 +182,24 @@ def test_watermark_config_reaches_pipeline():
     req = Request("wm", [1, 2], sampling=SamplingParams(watermark=True))
     sampler(row_logits(0, 0).unsqueeze(0), [req])
     assert sampler._plan.pipeline.watermark.config.gamma == 0.25
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sample_rows_inverse_cdf(native, monkeypatch):
+    """u picks the first token whose running probability passes u (times the row's sum):
+    zero-probability tokens are never picked, whatever u; the native pass and the PyTorch one
+    agree away from the boundaries between tokens."""
+    if not native:
+        monkeypatch.setattr(sampler_module, "load_decode_bf16", lambda: None)
+    elif sampler_module.load_decode_bf16() is None:
+        pytest.skip("no native kernels on this CPU")
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]] * 5 + [[0.0] * 5 + [2.0]])
+    u = [0.0, 0.49, 0.51, 0.8, 0.999999, 0.3]
+    assert sample_rows(probs, u).tolist() == [1, 1, 3, 4, 4, 5]
+    wide = torch.softmax(torch.randn(3, 49152, generator=torch.Generator().manual_seed(3)), 1)
+    wide[:, ::2] = 0  # masked tokens (top-k, grammar) stay out
+    picks = sample_rows(wide, [0.1, 0.5, 0.9])
+    assert all(wide[i, t] > 0 for i, t in enumerate(picks.tolist()))
+    cdf = wide.double().cumsum(1) / wide.double().sum(1, keepdim=True)
+    expected = [int((cdf[i] <= q).sum()) for i, q in enumerate([0.1, 0.5, 0.9])]
+    assert picks.tolist() == expected

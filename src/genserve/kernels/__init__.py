@@ -116,6 +116,7 @@ DECODE_SIGNATURES: Signatures = {
         [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, I64, INT, INT, INT, INT, INT, FLT], INT
     ),
     "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
+    "genserve_sample_cdf_f32": ([PTR, I64, INT, I64, PTR, PTR], None),
 }  # fmt: skip
 DECODE_AMX_SIGNATURES: Signatures = {
     **DECODE_SIGNATURES,

@@ -949,3 +949,62 @@ void genserve_argmax_f32(const float *x, int rows, int64_t n, int64_t *out) {
         out[r] = at ? _mm512_mask_reduce_min_epi32(at, bidx) : 0;
     }
 }
+
+/* ----------------------------------------------------------------------------- sampling */
+
+/* 16 probabilities from p (masked to `m`) summed in double */
+static inline double sum16_pd(const float *p, __mmask16 m) {
+    const __m512 v = _mm512_maskz_loadu_ps(m, p);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
+
+/* out[r] = the token that u[r] (uniform in [0, 1)) picks from row r of probs [rows, n] (row
+ * stride ld) by inverse CDF: the first j whose running sum of probabilities passes
+ * u[r] * (the row's sum). A token of probability 0 is never picked; where rounding leaves the
+ * target past every running sum, the last token of nonzero probability is; a row that sums to
+ * zero or not to a finite number gives 0. Sums in double over 16-token blocks in a fixed
+ * order: the pick depends only on the row and u[r], not on the batch. */
+void genserve_sample_cdf_f32(const float *probs, int64_t ld, int rows, int64_t n, const double *u,
+                             int64_t *out) {
+#pragma omp parallel for if (rows > 1)
+    for (int r = 0; r < rows; r++) {
+        const float *p = probs + (int64_t)r * ld;
+        double total = 0.0;
+        for (int64_t j = 0; j < n; j += 16)
+            total += sum16_pd(p + j, n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1));
+        int64_t pick = 0;
+        if (total > 0.0 && total < INFINITY) {
+            const double target = u[r] * total;
+            double run = 0.0;
+            int64_t last = -1;
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                const int64_t j1 = n - j0 >= 16 ? j0 + 16 : n;
+                const double block = sum16_pd(p + j0, (__mmask16)((1u << (j1 - j0)) - 1));
+                if (block > 0.0) {
+                    if (run + block > target) { /* in this block, unless rounding says no */
+                        double in = run;
+                        for (int64_t j = j0; j < j1; j++) {
+                            if (p[j] > 0.0f) last = j;
+                            in += p[j];
+                            if (p[j] > 0.0f && in > target) {
+                                pick = j;
+                                goto found;
+                            }
+                        }
+                    }
+                    for (int64_t j = j1 - 1; j >= j0; j--)
+                        if (p[j] > 0.0f) {
+                            last = j;
+                            break;
+                        }
+                }
+                run += block;
+            }
+            pick = last < 0 ? 0 : last;
+        found:;
+        }
+        out[r] = pick;
+    }
+}

@@ -1,9 +1,11 @@
 """Token choice for one step: logits processors, greedy or seeded sampling, logprobs, top tokens.
 
 The all-greedy batch with no processor does one argmax (plus, when asked, the chosen tokens'
-logprobs from one logsumexp). Sampling is sync-free (`probs / Exponential(1)`, then argmax, as in
-gpt-fast and TGI) with one `torch.Generator` per request, so a seed gives the same tokens whatever
-else shares the batch. The only host sync is the final `.tolist()`.
+logprobs from one logsumexp). Sampling draws one uniform number per row from the request's own
+stream (SplitMix64 of its seed and its draw count), so a seed gives the same tokens whatever else
+shares the batch, and picks the token by inverse CDF over the row's probabilities in one native
+pass (`sample_rows`): per-element noise (`probs / Exponential(1)`) drawn from a `torch.Generator`
+per row cost ~1.5 ms per row of 49,152 tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +35,36 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sample_rows(probs: torch.Tensor, u: Sequence[float]) -> torch.Tensor:
+    """For each row i of probs [R, V] (rows summing to 1, or any nonnegative weights), the token
+    that u[i] in [0, 1) picks by inverse CDF: the first index whose running sum passes
+    u[i] * the row's sum. Tokens of probability 0 are never picked. Native on CPU float32."""
+    lib = load_decode_bf16() if probs.device.type == "cpu" else None
+    rows, n = probs.shape
+    if lib is not None and probs.dtype == torch.float32:
+        probs = probs.contiguous()
+        us = torch.tensor(u, dtype=torch.float64)
+        out = torch.empty(rows, dtype=torch.long)
+        lib.genserve_sample_cdf_f32(probs.data_ptr(), n, rows, n, us.data_ptr(), out.data_ptr())
+        return out
+    cdf = probs.double().cumsum(dim=1)
+    target = torch.tensor(u, dtype=torch.float64, device=probs.device).unsqueeze(1) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # rounding past the last running sum: the last token of nonzero probability
+    last = n - 1 - (probs > 0).flip(1).int().argmax(dim=1)
+    return torch.where(picked >= n, last, picked)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     """One entry per row of the batch, in the order of `requests`."""
@@ -58,7 +90,7 @@ class _BatchPlan:
 
 
 class Sampler:
-    """Chooses the next token of each row. Keeps per-request generators across steps.
+    """Chooses the next token of each row. Keeps per-request random streams across steps.
 
     `vocab_size` is the model's: logits columns past it (padded embeddings) are dropped.
     Call `release(request_id)` when a request finishes or is aborted. `grammars` holds the
@@ -68,7 +100,7 @@ class Sampler:
     def __init__(self, vocab_size: int, watermark: WatermarkConfig | None = None) -> None:
         self.vocab_size = vocab_size
         self.watermark = watermark or WatermarkConfig()
-        self._generators: dict[str, torch.Generator] = {}
+        self._streams: dict[str, list[int]] = {}  # request id -> [key, draws so far]
         self.grammars = GrammarStates()
         self._plan_key: tuple | None = None
         self._plan: _BatchPlan | None = None
@@ -108,8 +140,8 @@ class Sampler:
         )
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator and grammar matcher."""
-        self._generators.pop(request_id, None)
+        """Forget a finished request's random stream and grammar matcher."""
+        self._streams.pop(request_id, None)
         self.grammars.release(request_id)
         self._plan_key = None  # a later request may reuse the id: never reuse its plan
 
@@ -141,24 +173,24 @@ class Sampler:
         rows = plan.sample_rows
         sub = scores if plan.sample_index is None else scores.index_select(0, plan.sample_index)
         probs = sub.softmax(dim=1)  # [S, V]
-        noise = torch.empty_like(probs)
-        for j, row in enumerate(rows):  # one generator per request: batch-independent draws
-            noise[j].exponential_(generator=self._generator(requests[row], scores.device))
-        sampled = probs.div_(noise).argmax(dim=1)  # [S]
+        # one draw per request from its own stream: batch-independent
+        sampled = sample_rows(probs, [self._uniform(requests[row]) for row in rows])
         if plan.sample_index is None:
             return sampled
         return argmax_rows(scores).index_copy_(0, plan.sample_index, sampled)
 
-    def _generator(self, request: Request, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(request.request_id)
-        if gen is None or gen.device != device:
+    def _uniform(self, request: Request) -> float:
+        """The request's next uniform number in [0, 1): SplitMix64 of (its seed's key + the
+        number of draws so far), 53 bits."""
+        stream = self._streams.get(request.request_id)
+        if stream is None:
             seed = request.sampling.seed
             if seed is None:  # the server always assigns one; stay random if it did not
                 seed = random.SystemRandom().getrandbits(63)
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            self._generators[request.request_id] = gen
-        return gen
+            stream = self._streams[request.request_id] = [_splitmix64(seed & _MASK64), 0]
+        key, draws = stream
+        stream[1] += 1
+        return (_splitmix64((key + draws * 0x9E3779B97F4A7C15) & _MASK64) >> 11) * 2.0**-53
 
 
 def _logprobs(
