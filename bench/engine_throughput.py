@@ -5,10 +5,11 @@ SmolLM2-135M-Instruct (built-in default), bfloat16; N concurrent requests of 128
 128 new tokens each (EOS ignored), N in 1, 8, 32, 64. Prints output tokens/s for both and the ratio.
 
     python bench/engine_throughput.py [--batch-sizes 1,8,32,64] [--dtype bfloat16] [--skip-transformers]
-                                      [--repeats 3]
+                                      [--repeats 3] [--sample]
 
 With --repeats N each engine runs every batch size N times (fresh prompts each time) and the
-best run counts: on a shared machine neighbours only ever slow a run down.
+best run counts: on a shared machine neighbours only ever slow a run down. Decoding is greedy;
+--sample samples instead (temperature 0.7, top_p 0.9, a seed per request) on both sides.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from genserve.models.loader import resolve_model_dir
 from genserve.sampling.params import SamplingParams, StoppingParams
 
 PROMPT, NEW = 128, 128
+TEMPERATURE, TOP_P = 0.7, 0.9  # --sample
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -33,10 +35,14 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(PROMPT)] for _ in range(n)]
 
 
-def genserve_tps(engine: LLMEngine, batch: list[list[int]]) -> float:
+def genserve_tps(engine: LLMEngine, batch: list[list[int]], sample: bool = False) -> float:
     for i, ids in enumerate(batch):
         stop = StoppingParams(max_new_tokens=NEW, ignore_eos=True)
-        engine.add_request(Request(f"b{len(batch)}-{i}", ids, SamplingParams(logprobs=False), stop))
+        params = SamplingParams(logprobs=False)
+        if sample:
+            params = SamplingParams(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, seed=i,
+                                    logprobs=False)  # fmt: skip
+        engine.add_request(Request(f"b{len(batch)}-{i}", ids, params, stop))
     produced = 0
     t = time.perf_counter()
     while engine.has_unfinished():
@@ -44,14 +50,16 @@ def genserve_tps(engine: LLMEngine, batch: list[list[int]]) -> float:
     return produced / (time.perf_counter() - t)
 
 
-def transformers_tps(model, batch: list[list[int]]) -> float:
+def transformers_tps(model, batch: list[list[int]], sample: bool = False) -> float:
     ids = torch.tensor(batch)  # equal lengths: padding-free padded batching
     mask = torch.ones_like(ids)
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-            do_sample=False, pad_token_id=0,
+            pad_token_id=0,
+            **(dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0) if sample
+               else dict(do_sample=False)),
         )  # fmt: skip
     return (out.shape[1] - PROMPT) * len(batch) / (time.perf_counter() - t)
 
@@ -63,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs per point")
+    ap.add_argument("--sample", action="store_true", help="sample (temperature, top_p) on both")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     engine = LLMEngine.from_model(args.model_id, dtype=args.dtype)
@@ -78,16 +87,18 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             resolve_model_dir(args.model_id), dtype=getattr(torch, args.dtype)
         ).eval()
-    print(f"{PROMPT} prompt / {NEW} new tokens per request, {args.dtype}, "
+    mode = f"sampled (temperature {TEMPERATURE}, top_p {TOP_P})" if args.sample else "greedy"
+    print(f"{PROMPT} prompt / {NEW} new tokens per request, {args.dtype}, {mode}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'concurrent':>10} {'genserve tok/s':>15} {'transformers tok/s':>19} {'ratio':>7}")
     for n in sizes:
         ours = theirs = float("nan")
         for r in range(args.repeats):
             batch = prompts(n, vocab, seed=n + 1000 * r)  # fresh prompts: no prefix-cache hits
-            ours = max(genserve_tps(engine, batch), ours) if r else genserve_tps(engine, batch)
+            tps = genserve_tps(engine, batch, args.sample)
+            ours = max(tps, ours) if r else tps
             if hf is not None:
-                t = transformers_tps(hf, batch)
+                t = transformers_tps(hf, batch, args.sample)
                 theirs = max(t, theirs) if r else t
         print(f"{n:>10} {ours:>15.1f} {theirs:>19.1f} {ours / theirs:>6.2f}x")
 
