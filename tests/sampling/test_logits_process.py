@@ -15,6 +15,8 @@ from transformers.generation.logits_process import (
 )
 
 from genserve.engine.request import Request
+from genserve.kernels import load_decode_bf16
+from genserve.sampling import logits_process
 from genserve.sampling.logits_process import LogitsPipeline, TopP, count_tokens
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig
@@ -237,10 +239,15 @@ def test_full_pipeline_order():
         torch.testing.assert_close(out[i], transformers_warp(row, p), rtol=1e-5, atol=1e-5)
 
 
-def test_top_p_nucleus_within_and_beyond_the_candidates(monkeypatch):
-    """TopP takes the most likely `CANDIDATES` tokens with topk and sorts a row whole only when
-    its nucleus is wider: both kinds of row, and a top_p of 1 beside them, mask exactly what
-    transformers' warper masks."""
+@pytest.mark.parametrize("native", [True, False])
+def test_top_p_nucleus_within_and_beyond_the_candidates(native, monkeypatch):
+    """Narrow and wide nuclei, and a top_p of 1 beside them, mask exactly what transformers'
+    warper masks: through the native kernel (bucketed, no sort of the row), and through the
+    PyTorch path (topk of `CANDIDATES`, a whole-row sort only where the nucleus is wider)."""
+    if native and load_decode_bf16() is None:
+        pytest.skip("no native kernels on this CPU")
+    if not native:
+        monkeypatch.setattr(logits_process, "load_decode_bf16", lambda: None)
     monkeypatch.setattr(TopP, "CANDIDATES", 64)
     g = torch.Generator().manual_seed(5)
     peaked = torch.randn(2, 3000, generator=g) * 6  # nucleus of a few tokens

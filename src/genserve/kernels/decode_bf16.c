@@ -1008,3 +1008,134 @@ void genserve_sample_cdf_f32(const float *probs, int64_t ld, int rows, int64_t n
         out[r] = pick;
     }
 }
+
+typedef struct {
+    float value;
+    int64_t index;
+} Ranked;
+
+static int by_value_desc(const void *a, const void *b) {
+    const Ranked *x = a, *y = b;
+    if (x->value != y->value) return x->value > y->value ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* Nucleus filter: in row r of scores [rows, n] (row stride lds; probs [rows, n] its softmax,
+ * contiguous), every token whose more likely tokens already hold top_p[r] of the probability
+ * becomes -inf (transformers' TopPLogitsWarper: ascending cumulative probability <= 1 - top_p;
+ * the most likely token always stays; ties rank by index; NaN goes). top_p[r] >= 1: the row is
+ * left alone. No sort of the row: for nonnegative floats the bit patterns order as the values,
+ * so the probabilities are bucketed by their top 12 bits, the buckets summed from the top (in
+ * double) until top_p is reached, the bucket where it is reached bucketed again by its next 12
+ * bits, and only the sub-bucket holding the cut is sorted. Tokens under (1 - top_p) / n always
+ * go (all of them together hold less than 1 - top_p) and are skipped by vector compares. */
+#define TOP12(bits) ((int)((bits) >> 20))
+#define NEXT12(bits) ((int)(((bits) >> 8) & 0xfff))
+
+static inline uint32_t f2bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the indices j of p[0:n] with lo <= p[j] < hi (floats), 16 lanes compared at a time */
+#define FOR_IN_RANGE(p, n, lo, hi, j, body)                                                      \
+    for (int64_t j0_ = 0; j0_ < (n); j0_ += 16) {                                                 \
+        const __mmask16 in_ = (n) - j0_ >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ((n) - j0_)) - 1); \
+        const __m512 v_ = _mm512_maskz_loadu_ps(in_, (p) + j0_);                                  \
+        __mmask16 hit_ = _mm512_mask_cmp_ps_mask(in_, v_, _mm512_set1_ps(lo), _CMP_GE_OQ);        \
+        hit_ &= _mm512_cmp_ps_mask(v_, _mm512_set1_ps(hi), _CMP_LT_OQ);                          \
+        while (hit_) {                                                                            \
+            const int64_t j = j0_ + __builtin_ctz(hit_);                                          \
+            hit_ &= hit_ - 1;                                                                     \
+            body                                                                                  \
+        }                                                                                         \
+    }
+
+int genserve_top_p_mask_f32(float *scores, int64_t lds, const float *probs, int rows, int64_t n,
+                            const float *top_p) {
+    int failed = 0;
+#pragma omp parallel for if (rows > 1) schedule(dynamic)
+    for (int r = 0; r < rows; r++) {
+        const float tp = top_p[r];
+        if (!(tp < 1.0f)) continue;
+        const float *p = probs + (int64_t)r * n;
+        float *s = scores + (int64_t)r * lds;
+        double mass[4096];
+        int64_t count[4096];
+        /* level 1: every token that may stay, by its top 12 bits */
+        memset(mass, 0, sizeof mass);
+        memset(count, 0, sizeof count);
+        const float floor_p = (float)((1.0 - tp) / (double)n * 0.5);
+        FOR_IN_RANGE(p, n, floor_p, INFINITY, j, {
+            mass[TOP12(f2bits(p[j]))] += p[j];
+            count[TOP12(f2bits(p[j]))]++;
+        })
+        double above = 0.0;
+        int b = 4095;
+        for (; b >= 0; b--) {
+            if (count[b] && above + mass[b] >= tp) break;
+            above += mass[b];
+        }
+        float v_cut = floor_p; /* every token under v_cut goes, and those equal from idx_cut on */
+        int64_t idx_cut = n;
+        if (b >= 0) {
+            /* level 2: the tokens of bucket b, by their next 12 bits */
+            const float lo = bits2f((uint32_t)b << 20), hi = bits2f((uint32_t)(b + 1) << 20);
+            memset(mass, 0, sizeof mass);
+            memset(count, 0, sizeof count);
+            FOR_IN_RANGE(p, n, lo, hi, j, {
+                mass[NEXT12(f2bits(p[j]))] += p[j];
+                count[NEXT12(f2bits(p[j]))]++;
+            })
+            int b2 = 4095;
+            for (; b2 >= 0; b2--) {
+                if (count[b2] && above + mass[b2] >= tp) break;
+                above += mass[b2];
+            }
+            if (b2 < 0) { /* rounding: the whole bucket stays */
+                v_cut = lo;
+            } else {
+                const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
+                const float lo2 = bits2f(base), hi2 = bits2f(base + 256);
+                Ranked *sub = malloc((size_t)count[b2] * sizeof(Ranked));
+                if (!sub) {
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                int64_t m = 0;
+                FOR_IN_RANGE(p, n, lo2, hi2, j, { sub[m].value = p[j]; sub[m++].index = j; })
+                qsort(sub, (size_t)m, sizeof(Ranked), by_value_desc);
+                int64_t cut = 0; /* the first of these that goes: the mass above reached top_p */
+                for (; cut < m; cut++) {
+                    if (above >= tp && !(cut == 0 && above == 0.0)) break;
+                    above += sub[cut].value;
+                }
+                v_cut = cut < m ? sub[cut].value : lo2;
+                idx_cut = cut < m ? sub[cut].index : n;
+                free(sub);
+            }
+        } else {
+            continue; /* rounding kept the total under top_p: every token stays */
+        }
+        const __m512 vc = _mm512_set1_ps(v_cut);
+        const __m512i ic = _mm512_set1_epi32((int)(idx_cut < n ? idx_cut : n));
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            const __mmask16 in = n - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j0)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(in, p + j0);
+            const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int)j0));
+            const __mmask16 under = _mm512_cmp_ps_mask(v, vc, _CMP_NGE_UQ); /* < v_cut, or NaN */
+            const __mmask16 tied = _mm512_cmp_ps_mask(v, vc, _CMP_EQ_OQ) & _mm512_cmpge_epi32_mask(j, ic);
+            _mm512_mask_storeu_ps(s + j0, in & (under | tied), _mm512_set1_ps(-INFINITY));
+        }
+    }
+    return failed ? -1 : 0;
+}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from genserve.engine.request import Request
+from genserve.kernels import load_decode_bf16
 from genserve.sampling.grammar_mask import GrammarMask, GrammarStates
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig, WatermarkProcessor
@@ -176,20 +177,32 @@ class TopP:
     """Nucleus (Holtzman et al. 2019): keeps the smallest set whose probability reaches top_p.
 
     A token goes when the probability of the tokens ranked above it already reaches top_p (as
-    transformers' warper: its ascending cumulative probability is <= 1 - top_p). The nucleus
-    of a language model's distribution is usually tens of tokens: the `CANDIDATES` most likely
-    are taken with topk, and only a row whose nucleus is wider is sorted whole (32 rows of
-    49,152 logits on 2 cores: sorting ~80 ms, topk of 256 ~5 ms)."""
+    transformers' warper: its ascending cumulative probability is <= 1 - top_p; the sums here
+    are in double, so a token within float32 rounding of the cut may differ). On CPU the
+    native kernel finds the cut without sorting the row (`genserve_top_p_mask_f32`: buckets of
+    probabilities, only the bucket holding the cut sorted). Elsewhere the `CANDIDATES` most
+    likely tokens are taken with topk (the nucleus of a language model is usually tens of
+    tokens), and only a row whose nucleus is wider is sorted whole (32 rows of 49,152 logits on
+    2 cores: sorting ~80 ms, topk of 256 ~5 ms)."""
 
     CANDIDATES = 256
 
     def __init__(self, top_p: Sequence[float], device: torch.device) -> None:
         self.top_p = _column(list(top_p), device)  # [B, 1]
+        self.top_p_f32 = torch.tensor(list(top_p), dtype=torch.float32)  # the native kernel's
         self.threshold = _column([1.0 - p for p in top_p], device)  # [B, 1]
         # top_p 1 keeps every token (whatever the cumulative sum's rounding says)
         self.disabled = torch.tensor([p >= 1.0 for p in top_p], device=device).unsqueeze(1)
 
     def __call__(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        lib = load_decode_bf16() if scores.device.type == "cpu" else None
+        if lib is not None and scores.dtype == torch.float32 and scores.stride(1) == 1:
+            probs = scores.softmax(dim=1)
+            if not lib.genserve_top_p_mask_f32(
+                scores.data_ptr(), scores.stride(0), probs.data_ptr(), scores.shape[0],
+                scores.shape[1], self.top_p_f32.data_ptr(),
+            ):  # fmt: skip
+                return scores
         k = min(self.CANDIDATES, scores.shape[1])
         probs = scores.softmax(dim=1)
         top, top_idx = probs.topk(k, dim=1)  # descending
