@@ -46,16 +46,22 @@ static void pack_pair_columns(const bf16 *const cols[16], int d, uint32_t *dst) 
 #define PF_ROWS 8 /* software prefetch distance, in rows of W: about one block ahead */
 #endif
 
-static inline float bf2f(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
+static inline uint32_t f2bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits2f(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
+static inline float bf2f(bf16 v) { return bits2f((uint32_t)v << 16); }
+
 static inline bf16 f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = f2bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
     u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch */
     return (bf16)(u >> 16);
@@ -1032,17 +1038,6 @@ static int by_value_desc(const void *a, const void *b) {
 #define TOP12(bits) ((int)((bits) >> 20))
 #define NEXT12(bits) ((int)(((bits) >> 8) & 0xfff))
 
-static inline uint32_t f2bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static inline float bits2f(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* the indices j of p[0:n] with lo <= p[j] < hi (floats), 16 lanes compared at a time */
 #define FOR_IN_RANGE(p, n, lo, hi, j, body)                                                      \
