@@ -183,9 +183,12 @@ class Info(BaseModel):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     """Serialize the way serde does: `top_tokens` and `best_of_sequences` are skipped when None
-    (`skip_serializing_if`); every other None stays as `null`."""
+    (`skip_serializing_if`), and so is a GenerateResponse's `details` (a stream event keeps its
+    `"details": null`); every other None stays as `null`."""
     data = model.model_dump(mode="json")
     _drop_skipped(data)
+    if isinstance(model, GenerateResponse) and data.get("details") is None:
+        data.pop("details", None)
     return data
 
 
