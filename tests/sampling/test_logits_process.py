@@ -260,3 +260,26 @@ def test_top_p_nucleus_within_and_beyond_the_candidates(native, monkeypatch):
         torch.testing.assert_close(out[i], transformers_warp(logits[i], p), rtol=0, atol=0)
     kept = (~torch.isinf(out)).sum(1).tolist()
     assert kept[0] < 64 and kept[2] > 64 and kept[4] == 3000, kept
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_top_k_large_vocabulary_with_ties_and_masked_tokens(native, monkeypatch):
+    """The native k-th-value search (no sort, no topk) and the PyTorch path keep exactly what
+    transformers' warper keeps: ties with the k-th, negative and -inf logits, k = 0 (row off)
+    and k past the vocabulary in one batch."""
+    if native and load_decode_bf16() is None:
+        pytest.skip("no native kernels on this CPU")
+    if not native:
+        monkeypatch.setattr(logits_process, "load_decode_bf16", lambda: None)
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 20000, generator=g) * 3
+    logits[1] = (logits[1] * 2).round() / 2  # thousands of ties
+    logits[2, :15000] = float("-inf")
+    ks = [1, 50, 4000, 0, 30000]
+    requests = [Request(f"k{i}", [1], sampling=SamplingParams(top_k=k)) for i, k in enumerate(ks)]
+    out = LogitsPipeline.build(requests, 20000, logits.device)(logits.clone(), requests)
+    for i, k in enumerate(ks):
+        expected = transformers_warp(logits[i], SamplingParams(top_k=k))
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=0)
+    kept = (~torch.isinf(out)).sum(1).tolist()
+    assert kept[0] == 1 and kept[1] >= 50 and kept[3] == kept[4] == 20000, kept

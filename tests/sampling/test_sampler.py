@@ -203,3 +203,19 @@ def test_sample_rows_inverse_cdf(native, monkeypatch):
     cdf = wide.double().cumsum(1) / wide.double().sum(1, keepdim=True)
     expected = [int((cdf[i] <= q).sum()) for i, q in enumerate([0.1, 0.5, 0.9])]
     assert picks.tolist() == expected
+
+
+def test_logsumexp_rows_matches_torch():
+    """The native row logsumexp (logprobs of every non-greedy step) against torch.logsumexp:
+    masked tokens, a fully masked row (-inf), a row holding +inf, a strided view."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 49152 + 100, generator=g) * 5
+    x[1, :40000] = float("-inf")
+    x[2] = float("-inf")
+    x[3, 17] = float("inf")
+    view = x[:, :49152]  # columns past the vocabulary: a row stride wider than the row
+    got, expected = sampler_module.logsumexp_rows(view), view.logsumexp(dim=1, keepdim=True)
+    assert got.shape == expected.shape == (6, 1)
+    assert got[2].item() == float("-inf") and got[3].item() == float("inf")
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-6, atol=1e-5)

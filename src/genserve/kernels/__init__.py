@@ -118,6 +118,8 @@ DECODE_SIGNATURES: Signatures = {
     "genserve_argmax_f32": ([PTR, INT, I64, PTR], None),
     "genserve_sample_cdf_f32": ([PTR, I64, INT, I64, PTR, PTR], None),
     "genserve_top_p_mask_f32": ([PTR, I64, PTR, INT, I64, PTR], INT),
+    "genserve_top_k_mask_f32": ([PTR, I64, INT, I64, PTR], INT),
+    "genserve_logsumexp_f32": ([PTR, I64, INT, I64, PTR], None),
 }  # fmt: skip
 DECODE_AMX_SIGNATURES: Signatures = {
     **DECODE_SIGNATURES,

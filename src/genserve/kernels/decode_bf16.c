@@ -1134,3 +1134,95 @@ int genserve_top_p_mask_f32(float *scores, int64_t lds, const float *probs, int 
     }
     return failed ? -1 : 0;
 }
+
+/* float -> uint32 in the same order (for every non-NaN float) */
+static inline uint32_t order_key(float f) {
+    const uint32_t u = f2bits(f);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+static int float_desc(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return x > y ? -1 : x < y;
+}
+
+/* Top-k filter: in row r of scores [rows, n] (row stride lds), every logit under the row's
+ * k[r]-th largest becomes -inf (ties with the k-th stay; k[r] = 0 or >= n: the row is left
+ * alone; NaN stays, as in `scores < kth`), as transformers' TopKLogitsWarper. No sort of the row: as the top-p
+ * filter, two levels of 12-bit buckets of the logits' order keys, counted from the top until
+ * k is reached, then a sort of the sub-bucket holding the k-th value. */
+int genserve_top_k_mask_f32(float *scores, int64_t lds, int rows, int64_t n, const int64_t *k) {
+    int failed = 0;
+#pragma omp parallel for if (rows > 1) schedule(dynamic)
+    for (int r = 0; r < rows; r++) {
+        if (k[r] <= 0 || k[r] >= n) continue;
+        float *s = scores + (int64_t)r * lds;
+        int64_t count[4096];
+        memset(count, 0, sizeof count);
+        for (int64_t j = 0; j < n; j++)
+            if (s[j] == s[j]) count[order_key(s[j]) >> 20]++;
+        int64_t above = 0;
+        int b = 4095;
+        for (; b >= 0 && above + count[b] < k[r]; b--) above += count[b];
+        if (b < 0) continue; /* fewer than k non-NaN logits: keep them all */
+        int64_t sub_count[4096];
+        memset(sub_count, 0, sizeof sub_count);
+        for (int64_t j = 0; j < n; j++)
+            if ((int)(order_key(s[j]) >> 20) == b && s[j] == s[j]) sub_count[(order_key(s[j]) >> 8) & 0xfff]++;
+        int b2 = 4095;
+        for (; b2 >= 0 && above + sub_count[b2] < k[r]; b2--) above += sub_count[b2];
+        const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
+        float *sub = malloc((size_t)sub_count[b2] * sizeof(float));
+        if (!sub) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        int64_t m = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (s[j] == s[j] && (order_key(s[j]) & ~0xffu) == base) sub[m++] = s[j];
+        qsort(sub, (size_t)m, sizeof(float), float_desc);
+        const float kth = sub[k[r] - above - 1];
+        free(sub);
+        const __m512 vk = _mm512_set1_ps(kth);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            const __mmask16 in = n - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j0)) - 1);
+            const __mmask16 under = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(in, s + j0), vk, _CMP_LT_OQ);
+            _mm512_mask_storeu_ps(s + j0, in & under, _mm512_set1_ps(-INFINITY));
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* out[r] = log(sum_j exp(x[r, j])) for row r of x [rows, n] (row stride ld), as torch.logsumexp:
+ * the row's maximum, then exp(x - max) summed in 16 fp32 lanes per 4,096 values and those in
+ * double. A row of -inf gives -inf; a row holding +inf gives +inf. */
+void genserve_logsumexp_f32(const float *x, int64_t ld, int rows, int64_t n, float *out) {
+#pragma omp parallel for if (rows > 1)
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (int64_t)r * ld;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 in = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, row + j));
+        }
+        const float m = _mm512_reduce_max_ps(mx);
+        if (!(m > -INFINITY && m < INFINITY)) {
+            out[r] = m;
+            continue;
+        }
+        const __m512 vm = _mm512_set1_ps(m);
+        double total = 0.0;
+        for (int64_t j0 = 0; j0 < n; j0 += 4096) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = j0; j < n && j < j0 + 4096; j += 16) {
+                const __mmask16 in = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+                const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, row + j);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(in & _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                                             exp512(_mm512_sub_ps(v, vm))));
+            }
+            total += _mm512_reduce_add_ps(sum);
+        }
+        out[r] = (float)((double)m + log(total));
+    }
+}

@@ -35,6 +35,19 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def logsumexp_rows(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.logsumexp(dim=1, keepdim=True)`; on CPU float32 through the native kernel
+    (32 x 49,152 with masked tokens: ~0.3 ms instead of PyTorch's ~3.5 ms)."""
+    lib = load_decode_bf16() if scores.device.type == "cpu" else None
+    if lib is None or scores.dtype != torch.float32 or scores.dim() != 2 or scores.stride(1) != 1:
+        return scores.logsumexp(dim=1, keepdim=True)
+    out = torch.empty(scores.shape[0], 1, dtype=torch.float32)
+    lib.genserve_logsumexp_f32(
+        scores.data_ptr(), scores.stride(0), scores.shape[0], scores.shape[1], out.data_ptr()
+    )
+    return out
+
+
 def sample_rows(probs: torch.Tensor, u: Sequence[float]) -> torch.Tensor:
     """For each row i of probs [R, V] (rows summing to 1, or any nonnegative weights), the token
     that u[i] in [0, 1) picks by inverse CDF: the first index whose running sum passes
@@ -200,7 +213,7 @@ def _logprobs(
     num_rows = scores.shape[0]
     if not any(plan.want_logprobs):
         return [None] * num_rows, [[] for _ in range(num_rows)]
-    lse = scores.logsumexp(dim=1, keepdim=True)  # [B, 1]
+    lse = logsumexp_rows(scores)  # [B, 1]
     chosen = (scores.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1).tolist()
     logprobs = [lp if want else None for lp, want in zip(chosen, plan.want_logprobs, strict=True)]
     if not any(plan.top_n):
