@@ -1015,6 +1015,16 @@ void genserve_sample_cdf_f32(const float *probs, int64_t ld, int rows, int64_t n
     }
 }
 
+/* malloc, or NULL with *failed set (from any thread of a parallel loop) */
+static void *malloc_or_flag(size_t bytes, int *failed) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
 typedef struct {
     float value;
     int64_t index;
@@ -1099,12 +1109,8 @@ int genserve_top_p_mask_f32(float *scores, int64_t lds, const float *probs, int 
             } else {
                 const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
                 const float lo2 = bits2f(base), hi2 = bits2f(base + 256);
-                Ranked *sub = malloc((size_t)count[b2] * sizeof(Ranked));
-                if (!sub) {
-#pragma omp atomic write
-                    failed = 1;
-                    continue;
-                }
+                Ranked *sub = malloc_or_flag((size_t)count[b2] * sizeof(Ranked), &failed);
+                if (!sub) continue;
                 int64_t m = 0;
                 FOR_IN_RANGE(p, n, lo2, hi2, j, { sub[m].value = p[j]; sub[m++].index = j; })
                 qsort(sub, (size_t)m, sizeof(Ranked), by_value_desc);
@@ -1172,12 +1178,8 @@ int genserve_top_k_mask_f32(float *scores, int64_t lds, int rows, int64_t n, con
         int b2 = 4095;
         for (; b2 >= 0 && above + sub_count[b2] < k[r]; b2--) above += sub_count[b2];
         const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
-        float *sub = malloc((size_t)sub_count[b2] * sizeof(float));
-        if (!sub) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
+        float *sub = malloc_or_flag((size_t)sub_count[b2] * sizeof(float), &failed);
+        if (!sub) continue;
         int64_t m = 0;
         for (int64_t j = 0; j < n; j++)
             if (s[j] == s[j] && (order_key(s[j]) & ~0xffu) == base) sub[m++] = s[j];
