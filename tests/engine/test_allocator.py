@@ -29,7 +29,7 @@ engine = LLMEngine.from_model(
 )
 hugepages.wait_prefaulted()
 faults = []
-for step in range(4):
+for step in range(6):
     for i in range(16):  # 16 x 128 prompt tokens: one 2,048-token prefill step
         prompt = [(step * 7 + i * 131 + j * 17) % 40000 + 100 for j in range(128)]
         engine.add_request(Request(f"{step}-{i}", prompt, SamplingParams(logprobs=False),
@@ -54,6 +54,6 @@ def test_prefill_steps_reuse_their_buffers(smollm2_dir):
     if not allocator.retain_step_buffers():
         pytest.skip("malloc is not glibc's")
     faults = _faults(smollm2_dir, "on")
-    # the first step grows the heap once; of the next three, the median (a step may still meet
+    # the first step grows the heap once; of the next five, the median (a step may still meet
     # an odd allocation of its own; without the settings it is thousands)
-    assert sorted(faults[1:])[1] < 500, faults
+    assert sorted(faults[1:])[2] < 500, faults
