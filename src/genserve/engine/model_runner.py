@@ -19,8 +19,8 @@ from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from genserve.kernels import load_decode_bf16, native_enabled
 from genserve.layers.fused_decode import FusedDecode
-from genserve.layers.packed_linear import PACKED_MAX_ROWS, pack_linear_weights, packing_supported
-from genserve.sampling.sampler import argmax_rows
+from genserve.layers.packed_linear import pack_linear_weights, packing_supported
+from genserve.sampling.sampler import argmax_rows, chosen_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ class ModelRunner:
         # bf16: with AMX, pure-decode steps run all layers in one native call
         # (`FusedDecode.forward_stack`); without, pure-decode steps of few rows run through the
         # fused native layer kernel; every other step through packed matmuls with native small
-        # ops and paged attention (`FusedDecode.forward_mixed`). Where FusedDecode declines the model (dynamic rope),
-        # the PyTorch model runs, its attention modules still using the native kernel for bf16
-        # decode rows (no K/V gather)
+        # ops and paged attention (`FusedDecode.forward_mixed`). Where FusedDecode declines the
+        # model (dynamic rope), the PyTorch model runs, its attention modules still using the
+        # native kernel for bf16 decode rows (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
         lib = load_decode_bf16() if native_kernels and dtype == torch.bfloat16 else None
         for layer in model.model.layers:
@@ -214,18 +214,14 @@ class ModelRunner:
         logits written and re-read (~0.5 ms of a 32-row step, ~1.5 ms with logprobs); else
         from the logits, as the sampler would."""
         vocab = self.cfg.vocab_size
-        head = getattr(self.model, "packed_lm_head", None)
-        if fused is None and head is not None and rows.shape[0] <= PACKED_MAX_ROWS:
-            chosen = head.argmax(rows, vocab, logprobs)
-            if chosen is not None:
-                return chosen
+        head = self.model.packed_head(rows.shape[0]) if fused is None else None
+        chosen = head.argmax(rows, vocab, logprobs) if head is not None else None
+        if chosen is not None:
+            return chosen
         logits = fused.logits(rows) if fused is not None else self.model.compute_logits(rows)
         logits = logits[:, :vocab]
         ids = argmax_rows(logits)
-        if not logprobs:
-            return ids, None
-        lse = logits.logsumexp(dim=1, keepdim=True)
-        return ids, (logits.gather(1, ids.unsqueeze(1)) - lse).squeeze(1)
+        return ids, chosen_logprobs(logits, ids) if logprobs else None
 
     def _prompt_logprobs(
         self, s: ScheduledRequest, hidden: torch.Tensor, step: StepInputs

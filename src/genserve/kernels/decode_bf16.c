@@ -1088,43 +1088,40 @@ int genserve_top_p_mask_f32(float *scores, int64_t lds, const float *probs, int 
             if (count[b] && above + mass[b] >= tp) break;
             above += mass[b];
         }
-        float v_cut = floor_p; /* every token under v_cut goes, and those equal from idx_cut on */
+        if (b < 0) continue; /* rounding kept the total under top_p: every token stays */
+        float v_cut; /* every token under v_cut goes, and those equal from idx_cut on */
         int64_t idx_cut = n;
-        if (b >= 0) {
-            /* level 2: the tokens of bucket b, by their next 12 bits */
-            const float lo = bits2f((uint32_t)b << 20), hi = bits2f((uint32_t)(b + 1) << 20);
-            memset(mass, 0, sizeof mass);
-            memset(count, 0, sizeof count);
-            FOR_IN_RANGE(p, n, lo, hi, j, {
-                mass[NEXT12(f2bits(p[j]))] += p[j];
-                count[NEXT12(f2bits(p[j]))]++;
-            })
-            int b2 = 4095;
-            for (; b2 >= 0; b2--) {
-                if (count[b2] && above + mass[b2] >= tp) break;
-                above += mass[b2];
-            }
-            if (b2 < 0) { /* rounding: the whole bucket stays */
-                v_cut = lo;
-            } else {
-                const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
-                const float lo2 = bits2f(base), hi2 = bits2f(base + 256);
-                Ranked *sub = malloc_or_flag((size_t)count[b2] * sizeof(Ranked), &failed);
-                if (!sub) continue;
-                int64_t m = 0;
-                FOR_IN_RANGE(p, n, lo2, hi2, j, { sub[m].value = p[j]; sub[m++].index = j; })
-                qsort(sub, (size_t)m, sizeof(Ranked), by_value_desc);
-                int64_t cut = 0; /* the first of these that goes: the mass above reached top_p */
-                for (; cut < m; cut++) {
-                    if (above >= tp && !(cut == 0 && above == 0.0)) break;
-                    above += sub[cut].value;
-                }
-                v_cut = cut < m ? sub[cut].value : lo2;
-                idx_cut = cut < m ? sub[cut].index : n;
-                free(sub);
-            }
+        /* level 2: the tokens of bucket b, by their next 12 bits */
+        const float lo = bits2f((uint32_t)b << 20), hi = bits2f((uint32_t)(b + 1) << 20);
+        memset(mass, 0, sizeof mass);
+        memset(count, 0, sizeof count);
+        FOR_IN_RANGE(p, n, lo, hi, j, {
+            mass[NEXT12(f2bits(p[j]))] += p[j];
+            count[NEXT12(f2bits(p[j]))]++;
+        })
+        int b2 = 4095;
+        for (; b2 >= 0; b2--) {
+            if (count[b2] && above + mass[b2] >= tp) break;
+            above += mass[b2];
+        }
+        if (b2 < 0) { /* rounding: the whole bucket stays */
+            v_cut = lo;
         } else {
-            continue; /* rounding kept the total under top_p: every token stays */
+            const uint32_t base = ((uint32_t)b << 20) | ((uint32_t)b2 << 8);
+            const float lo2 = bits2f(base), hi2 = bits2f(base + 256);
+            Ranked *sub = malloc_or_flag((size_t)count[b2] * sizeof(Ranked), &failed);
+            if (!sub) continue;
+            int64_t m = 0;
+            FOR_IN_RANGE(p, n, lo2, hi2, j, { sub[m].value = p[j]; sub[m++].index = j; })
+            qsort(sub, (size_t)m, sizeof(Ranked), by_value_desc);
+            int64_t cut = 0; /* the first of these that goes: the mass above reached top_p */
+            for (; cut < m; cut++) {
+                if (above >= tp && !(cut == 0 && above == 0.0)) break;
+                above += sub[cut].value;
+            }
+            v_cut = cut < m ? sub[cut].value : lo2;
+            idx_cut = cut < m ? sub[cut].index : n;
+            free(sub);
         }
         const __m512 vc = _mm512_set1_ps(v_cut);
         const __m512i ic = _mm512_set1_epi32((int)(idx_cut < n ? idx_cut : n));

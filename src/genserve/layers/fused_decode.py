@@ -4,8 +4,8 @@ For bfloat16 Llama-family models (not dynamic rope) the model runner sends a pur
 whose linears are all packed for AMX through one native call for every layer
 (`forward_stack`); without AMX, a pure-decode step of up to `MAX_ROWS` rows goes through the
 fused layer kernel (`forward`). Every other step goes through `forward_mixed`: matmuls on
-prepacked weights, native everything else. float32 runs the PyTorch model. The kernels read the model's own parameter
-and KV-cache storage: nothing is copied.
+prepacked weights, native everything else. float32 runs the PyTorch model. The kernels read the
+model's own parameter and KV-cache storage: nothing is copied.
 """
 
 from __future__ import annotations

@@ -141,10 +141,15 @@ class LlamaForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def packed_head(self, rows: int) -> PackedWeight | None:
+        """The packed output projection where it serves `rows` rows, else None."""
+        return self.packed_lm_head if rows <= PACKED_MAX_ROWS else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        if self.packed_lm_head is not None and hidden.shape[0] <= PACKED_MAX_ROWS:
-            return self.packed_lm_head(hidden, out_f32=True)
+        head = self.packed_head(hidden.shape[0])
+        if head is not None:
+            return head(hidden, out_f32=True)
         return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
 
 

@@ -206,16 +206,15 @@ class TopP:
         self.disabled = torch.tensor([p >= 1.0 for p in top_p], device=device).unsqueeze(1)
 
     def __call__(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        probs = scores.softmax(dim=1)
         lib = load_decode_bf16() if scores.device.type == "cpu" else None
         if lib is not None and scores.dtype == torch.float32 and scores.stride(1) == 1:
-            probs = scores.softmax(dim=1)
             if not lib.genserve_top_p_mask_f32(
                 scores.data_ptr(), scores.stride(0), probs.data_ptr(), scores.shape[0],
                 scores.shape[1], self.top_p_f32.data_ptr(),
             ):  # fmt: skip
                 return scores
         k = min(self.CANDIDATES, scores.shape[1])
-        probs = scores.softmax(dim=1)
         top, top_idx = probs.topk(k, dim=1)  # descending
         above = top.cumsum(dim=1) - top  # probability ranked above each candidate
         remove_top = (above >= self.top_p) & ~self.disabled

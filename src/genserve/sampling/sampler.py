@@ -48,6 +48,11 @@ def logsumexp_rows(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def chosen_logprobs(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(scores) at each row's token: [B] float32."""
+    return (scores.gather(1, token_ids.unsqueeze(1)) - logsumexp_rows(scores)).squeeze(1)
+
+
 def sample_rows(probs: torch.Tensor, u: Sequence[float]) -> torch.Tensor:
     """For each row i of probs [R, V] (rows summing to 1, or any nonnegative weights), the token
     that u[i] in [0, 1) picks by inverse CDF: the first index whose running sum passes
@@ -213,12 +218,11 @@ def _logprobs(
     num_rows = scores.shape[0]
     if not any(plan.want_logprobs):
         return [None] * num_rows, [[] for _ in range(num_rows)]
-    lse = logsumexp_rows(scores)  # [B, 1]
-    chosen = (scores.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1).tolist()
+    chosen = chosen_logprobs(scores, token_ids).tolist()
     logprobs = [lp if want else None for lp, want in zip(chosen, plan.want_logprobs, strict=True)]
     if not any(plan.top_n):
         return logprobs, [[] for _ in range(num_rows)]
-    return logprobs, top_tokens(scores - lse, plan.top_n)
+    return logprobs, top_tokens(scores - logsumexp_rows(scores), plan.top_n)
 
 
 def top_tokens(logprobs: torch.Tensor, top_n: Sequence[int]) -> list[list[tuple[int, float]]]:
