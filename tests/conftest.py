@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from genserve.kernels import cpu, load_kernels
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("GENSERVE_TEST_ASSETS", REPO / ".cache" / "test-assets"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -237,3 +239,71 @@ def record_preemptions() -> Callable[[object], list]:
         return preempted
 
     return attach
+
+
+# ---------------------------------------------------------------------------- kernel sets
+# A test that takes `kernel_set` (or the `kernels` / `use_kernel_set` fixtures) runs once per
+# native kernel set; a set this CPU runs is never skipped, the others skip saying which flag is
+# missing, and the run's summary names both (tests say what they covered).
+_kernel_sets_ran: set[str] = set()
+_kernel_sets_skipped: dict[str, str] = {}
+
+
+def _missing(name: str) -> str:
+    lacking = [f for f in cpu.KERNEL_SETS[name] if not cpu.cpu_has(f)]
+    return f"no {lacking[0]}" if lacking else "AMX state not granted"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kernel_set" in metafunc.fixturenames:
+        supported = cpu.supported_sets()
+        params = [
+            pytest.param(
+                name,
+                marks=()
+                if name in supported
+                else pytest.mark.skip(reason=f"{name}: {_missing(name)}"),
+            )
+            for name in cpu.NATIVE_SETS
+        ]
+        metafunc.parametrize("kernel_set", params)
+
+
+@pytest.fixture()
+def kernels(kernel_set: str):
+    """The kernel library of `kernel_set` (a set this CPU runs: it must build)."""
+    lib = load_kernels(kernel_set)
+    assert lib is not None, f"kernel set {kernel_set} did not build"
+    return lib
+
+
+@pytest.fixture()
+def use_kernel_set(kernel_set: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every `load_kernels()` / `load_amx_linear()` of the test picks `kernel_set`."""
+    monkeypatch.setenv("GENSERVE_KERNELS", kernel_set)
+    return kernel_set
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("kernel_set") if callspec else None
+    if name is None:
+        return
+    if report.skipped and name not in cpu.supported_sets():
+        _kernel_sets_skipped[name] = _missing(name)
+    elif report.when == "call" and not report.skipped:
+        _kernel_sets_ran.add(name)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    ran = [name for name in cpu.NATIVE_SETS if name in _kernel_sets_ran]
+    if not ran and not _kernel_sets_skipped:
+        return
+    skipped = [f"{name} ({why})" for name, why in _kernel_sets_skipped.items()]
+    terminalreporter.write_line(
+        f"kernel sets: ran {', '.join(ran) or 'none'}; skipped {', '.join(skipped) or 'none'}"
+        f" [{cpu.cpu_model()}; default {cpu.kernel_set()}]"
+    )

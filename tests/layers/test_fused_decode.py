@@ -10,11 +10,11 @@ from genserve.config import CacheConfig
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.request import Request
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_amx_linear, load_decode_bf16
+from genserve.kernels import load_amx_linear, load_kernels
 from genserve.models.loader import load_config, load_model
 
 pytestmark = pytest.mark.skipif(
-    load_decode_bf16() is None, reason="CPU without AVX512-BF16 or no C compiler"
+    load_kernels() is None, reason="CPU without AVX512-BF16 or no C compiler"
 )
 
 

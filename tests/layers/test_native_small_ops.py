@@ -1,4 +1,4 @@
-"""The native small ops of a batched bf16 layer (`kernels/decode_bf16.c`) against the PyTorch
+"""The native small ops of a batched bf16 layer (`kernels/small_ops.c`), every kernel set against the PyTorch
 ops they replace: bf16 results equal, but for the rare value where an fp32 result one rounding
 step away falls on the other side of a bf16 rounding (then a product of two roundings, as SiLU * up,
 can be two bf16 steps off)."""
@@ -8,11 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genserve.kernels import load_decode_bf16
 from genserve.layers.basic import RMSNorm, silu_and_mul
-
-lib = load_decode_bf16()
-pytestmark = pytest.mark.skipif(lib is None, reason="CPU without AVX512-BF16 or no C compiler")
 
 
 def assert_bf16_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -28,7 +24,8 @@ def assert_bf16_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("hid", [576, 40])
 @pytest.mark.parametrize("rows", [1, 37])
 @pytest.mark.parametrize("residual", [True, False])
-def test_add_rmsnorm_matches_torch(hid, rows, residual):
+def test_add_rmsnorm_matches_torch(kernels, hid, rows, residual):
+    lib = kernels
     g = torch.Generator().manual_seed(hid + rows)
     x = (torch.randn(rows, hid, generator=g) * 3).bfloat16()
     delta = (torch.randn(rows, hid, generator=g) * 2).bfloat16() if residual else None
@@ -47,7 +44,8 @@ def test_add_rmsnorm_matches_torch(hid, rows, residual):
 
 
 @pytest.mark.parametrize("inter", [1536, 40])
-def test_silu_mul_matches_torch(inter):
+def test_silu_mul_matches_torch(kernels, inter):
+    lib = kernels
     g = torch.Generator().manual_seed(inter)
     gu = torch.randn(23, 2 * inter, generator=g) * 4
     gu[0, :8] = torch.tensor([-200.0, -90.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 200.0])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genserve.kernels import load_amx_linear, load_decode_bf16
+from genserve.kernels import load_amx_linear, load_kernels
 from genserve.layers import packed_linear as pl
 from genserve.layers.packed_linear import (
     PACKED_MAX_ROWS,
@@ -131,7 +131,7 @@ def test_fused_argmax_ties_and_inf_rows():
 def test_glu_is_silu_mul_of_the_linear(rows, inter, k):
     """The gate_up projection with silu_and_mul in its epilogue gives exactly the bf16 values of
     the linear followed by the native silu_mul (itself PyTorch's silu(g) * u within rounding)."""
-    lib = load_decode_bf16()
+    lib = load_kernels()
     if load_amx_linear() is None or lib is None:
         pytest.skip("no AMX-BF16 on this CPU")
     torch.manual_seed(rows + inter)

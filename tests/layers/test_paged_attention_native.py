@@ -1,4 +1,4 @@
-"""The native batched paged decode attention (kernels/decode_bf16.c) against a float32
+"""The native batched paged decode attention (kernels/attention_decode.c), every kernel set, against a float32
 reference and against the SDPA path it replaces: scattered blocks, odd lengths and block sizes,
 grouped-query layouts, the vectorised head sizes (multiples of 32) and the generic one."""
 
@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from genserve.engine.forward_context import ForwardContext, forward_context
-from genserve.kernels import load_decode_bf16
 from genserve.layers.attention import PagedAttention
-
-pytestmark = pytest.mark.skipif(
-    load_decode_bf16() is None, reason="CPU without AVX512-BF16 or no C compiler"
-)
 
 
 def _reference(q, kc, vc, tables, lens, scale):
@@ -44,15 +39,12 @@ def _reference(q, kc, vc, tables, lens, scale):
     ],
 )
 # 3 rows: one work item per (row, KV head); 13 rows: one per row, all its KV heads together.
-# amx: the build whose scores come from AMX tiles (block sizes that are multiples of 16).
+# The amx set's scores come from AMX tiles (block sizes that are multiples of 16).
 @pytest.mark.parametrize("rows", [3, 13])
-@pytest.mark.parametrize("amx", [False, True])
 def test_native_decode_attention_matches_reference(
-    heads, kv_heads, head_dim, block_size, rows, amx
+    kernels, heads, kv_heads, head_dim, block_size, rows
 ):
-    lib = load_decode_bf16(amx=amx)
-    if lib is None:
-        pytest.skip("CPU without AMX-BF16, or AMX state not granted")
+    lib = kernels
     g = torch.Generator().manual_seed(heads * 100 + head_dim)
     lens = torch.tensor([1, 2, 15, 16, 17, 31, 33, 64, 100, 129, 150, 7, 250])[-rows:]
     n = lens.numel()
@@ -81,7 +73,7 @@ def test_native_decode_attention_matches_reference(
     assert (native.float() - ref).abs().mean() <= 1.5 * (sdpa.float() - ref).abs().mean() + 1e-4
 
 
-def test_native_argmax_is_torch_argmax():
+def test_native_argmax_is_torch_argmax(use_kernel_set):
     from genserve.sampling.sampler import argmax_rows
 
     g = torch.Generator().manual_seed(5)

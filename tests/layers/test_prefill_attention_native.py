@@ -1,4 +1,4 @@
-"""Prefill attention in AMX tiles (`genserve_prefill_attention_amx`, kernels/decode_bf16.c)
+"""Prefill attention in AMX tiles (`genserve_prefill_attention_amx`, kernels/attention_prefill.c)
 against a float32 reference and against the SDPA path it replaces (`PagedAttention._prefill`):
 several chunks at once, with and without a cached prefix, lengths that are not multiples of 16,
 scattered blocks, grouped-query layouts."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genserve.kernels import load_decode_bf16
+from genserve.kernels import load_kernels
 from genserve.layers.attention import PagedAttention
 
-lib = load_decode_bf16(amx=True)
-pytestmark = pytest.mark.skipif(lib is None, reason="CPU without AMX-BF16 or no C compiler")
+lib = load_kernels("amx")
+pytestmark = pytest.mark.skipif(lib is None, reason="the amx kernel set does not run on this CPU")
 
 
 def _reference(q, k, v, start, scale):

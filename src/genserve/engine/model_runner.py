@@ -17,7 +17,8 @@ from genserve import allocator, hugepages
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_decode_bf16, native_enabled
+from genserve.kernels import load_kernels
+from genserve.kernels.cpu import native_enabled
 from genserve.layers.fused_decode import FusedDecode
 from genserve.layers.packed_linear import pack_linear_weights, packing_supported
 from genserve.sampling.sampler import argmax_rows, chosen_logprobs
@@ -95,7 +96,7 @@ class ModelRunner:
         # model (dynamic rope), the PyTorch model runs, its attention modules still using the
         # native kernel for bf16 decode rows (no K/V gather)
         self.fused = FusedDecode.create(model, dtype) if native_kernels else None
-        lib = load_decode_bf16() if native_kernels and dtype == torch.bfloat16 else None
+        lib = load_kernels() if native_kernels and dtype == torch.bfloat16 else None
         for layer in model.model.layers:
             layer.self_attn.attn.native = lib
         log.info(

@@ -24,3 +24,17 @@ static inline void amx_tiles_16x64(void) {
     __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
+
+#include "bf16.h"
+
+/* The B operand of tile products whose columns are 16 rows of d bf16s (NULL: a zero column):
+ * pairs of dims as dwords, [d / 32 tiles][16 pairs][16 columns]. */
+static inline void pack_pair_columns(const bf16 *const cols[16], int d, uint32_t *dst) {
+    for (int c = 0; c < d / 32; c++)
+        for (int kp = 0; kp < 16; kp++)
+            for (int n = 0; n < 16; n++) {
+                uint32_t pair = 0;
+                if (cols[n]) memcpy(&pair, cols[n] + 32 * c + 2 * kp, sizeof pair);
+                dst[c * 256 + kp * 16 + n] = pair;
+            }
+}

@@ -9,7 +9,7 @@
  * step the output projection can instead keep only each row's argmax (no logits written).
  *
  * Linux hands AMX state to a process only on request: `genserve_amx_init` asks for it.
- * Built with -fopenmp against PyTorch's libgomp (see decode_bf16.c).
+ * Built with -fopenmp against PyTorch's libgomp (see gemm.c).
  */
 #include <immintrin.h>
 #include <math.h>

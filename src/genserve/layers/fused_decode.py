@@ -15,7 +15,7 @@ import ctypes
 import torch
 
 from genserve.engine.forward_context import ForwardContext
-from genserve.kernels import load_decode_bf16
+from genserve.kernels import load_kernels
 from genserve.layers.packed_linear import PACKED_MAX_ROWS
 
 P = ctypes.c_void_p
@@ -98,7 +98,7 @@ class FusedDecode:
             return None
         if getattr(model, "rotary", None) is None or model.rotary.kind == "dynamic":
             return None
-        lib = load_decode_bf16()
+        lib = load_kernels()
         return None if lib is None else FusedDecode(model, lib)
 
     # Past this many rows the step is compute- rather than bandwidth-bound, and matmuls on

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from genserve.engine.request import Request
-from genserve.kernels import load_decode_bf16
+from genserve.kernels import load_kernels
 from genserve.sampling.grammar_mask import GrammarMask, GrammarStates
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig, WatermarkProcessor
@@ -170,7 +170,7 @@ class TopK:
         self.k_i64 = torch.tensor(list(top_k), dtype=torch.int64)  # the native kernel's
 
     def __call__(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
-        lib = load_decode_bf16() if scores.device.type == "cpu" else None
+        lib = load_kernels() if scores.device.type == "cpu" else None
         if lib is not None and scores.dtype == torch.float32 and scores.stride(1) == 1:
             if not lib.genserve_top_k_mask_f32(
                 scores.data_ptr(), scores.stride(0), scores.shape[0], scores.shape[1],
@@ -207,7 +207,7 @@ class TopP:
 
     def __call__(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         probs = scores.softmax(dim=1)
-        lib = load_decode_bf16() if scores.device.type == "cpu" else None
+        lib = load_kernels() if scores.device.type == "cpu" else None
         if lib is not None and scores.dtype == torch.float32 and scores.stride(1) == 1:
             if not lib.genserve_top_p_mask_f32(
                 scores.data_ptr(), scores.stride(0), probs.data_ptr(), scores.shape[0],
