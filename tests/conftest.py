@@ -255,18 +255,19 @@ def _missing(name: str) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`kernel_set`: every native set; `kernels_or_torch`: those and the PyTorch path."""
+    supported = cpu.supported_sets()
+    params = [
+        pytest.param(
+            name,
+            marks=() if name in supported else pytest.mark.skip(reason=f"{name}: {_missing(name)}"),
+        )
+        for name in cpu.NATIVE_SETS
+    ]
     if "kernel_set" in metafunc.fixturenames:
-        supported = cpu.supported_sets()
-        params = [
-            pytest.param(
-                name,
-                marks=()
-                if name in supported
-                else pytest.mark.skip(reason=f"{name}: {_missing(name)}"),
-            )
-            for name in cpu.NATIVE_SETS
-        ]
         metafunc.parametrize("kernel_set", params)
+    elif "kernels_or_torch" in metafunc.fixturenames:
+        metafunc.parametrize("kernels_or_torch", [*params, cpu.TORCH])
 
 
 @pytest.fixture()
@@ -284,13 +285,21 @@ def use_kernel_set(kernel_set: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return kernel_set
 
 
+@pytest.fixture()
+def use_kernels_or_torch(kernels_or_torch: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every `load_kernels()` of the test picks `kernels_or_torch` (`torch`: None)."""
+    monkeypatch.setenv("GENSERVE_KERNELS", kernels_or_torch)
+    return kernels_or_torch
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
     report = outcome.get_result()
     callspec = getattr(item, "callspec", None)
-    name = callspec.params.get("kernel_set") if callspec else None
-    if name is None:
+    params = callspec.params if callspec else {}
+    name = params.get("kernel_set", params.get("kernels_or_torch"))
+    if name not in cpu.NATIVE_SETS:
         return
     if report.skipped and name not in cpu.supported_sets():
         _kernel_sets_skipped[name] = _missing(name)

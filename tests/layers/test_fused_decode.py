@@ -10,12 +10,8 @@ from genserve.config import CacheConfig
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.request import Request
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_amx_linear, load_kernels
+from genserve.kernels import load_amx_linear
 from genserve.models.loader import load_config, load_model
-
-pytestmark = pytest.mark.skipif(
-    load_kernels() is None, reason="CPU without AVX512-BF16 or no C compiler"
-)
 
 
 def _runner(path, dtype, native):
@@ -62,7 +58,9 @@ def _decode_logits(runner, steps=6, rows=3, mixed=False):
     [(2, False, False), (2, False, True), (12, False, False), (6, True, False)],
 )
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_decode_matches_torch_bf16(tiny_model_dir, arch, rows, mixed, layer, monkeypatch):
+def test_fused_decode_matches_torch_bf16(
+    use_kernel_set, tiny_model_dir, arch, rows, mixed, layer, monkeypatch
+):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
     stacked, layered = [], []  # steps through forward_stack, through the layer kernel

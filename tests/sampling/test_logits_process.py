@@ -15,8 +15,6 @@ from transformers.generation.logits_process import (
 )
 
 from genserve.engine.request import Request
-from genserve.kernels import load_kernels
-from genserve.sampling import logits_process
 from genserve.sampling.logits_process import LogitsPipeline, TopP, count_tokens
 from genserve.sampling.params import SamplingParams
 from genserve.sampling.watermark import WatermarkConfig
@@ -239,15 +237,10 @@ def test_full_pipeline_order():
         torch.testing.assert_close(out[i], transformers_warp(row, p), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_top_p_nucleus_within_and_beyond_the_candidates(native, monkeypatch):
+def test_top_p_nucleus_within_and_beyond_the_candidates(use_kernels_or_torch, monkeypatch):
     """Narrow and wide nuclei, and a top_p of 1 beside them, mask exactly what transformers'
     warper masks: through the native kernel (bucketed, no sort of the row), and through the
     PyTorch path (topk of `CANDIDATES`, a whole-row sort only where the nucleus is wider)."""
-    if native and load_kernels() is None:
-        pytest.skip("no native kernels on this CPU")
-    if not native:
-        monkeypatch.setattr(logits_process, "load_kernels", lambda: None)
     monkeypatch.setattr(TopP, "CANDIDATES", 64)
     g = torch.Generator().manual_seed(5)
     peaked = torch.randn(2, 3000, generator=g) * 6  # nucleus of a few tokens
@@ -262,15 +255,10 @@ def test_top_p_nucleus_within_and_beyond_the_candidates(native, monkeypatch):
     assert kept[0] < 64 and kept[2] > 64 and kept[4] == 3000, kept
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_top_k_large_vocabulary_with_ties_and_masked_tokens(native, monkeypatch):
+def test_top_k_large_vocabulary_with_ties_and_masked_tokens(use_kernels_or_torch, monkeypatch):
     """The native k-th-value search (no sort, no topk) and the PyTorch path keep exactly what
     transformers' warper keeps: ties with the k-th, negative and -inf logits, k = 0 (row off)
     and k past the vocabulary in one batch."""
-    if native and load_kernels() is None:
-        pytest.skip("no native kernels on this CPU")
-    if not native:
-        monkeypatch.setattr(logits_process, "load_kernels", lambda: None)
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(5, 20000, generator=g) * 3
     logits[1] = (logits[1] * 2).round() / 2  # thousands of ties
