@@ -8,6 +8,22 @@
 
 #include "bf16.h"
 
+/* Cephes' expf on x - n ln2 (n = round(x / ln2), given): the polynomial p ~ exp(x - n ln2),
+ * for either vector width V (_mm512, _mm256). Relative error ~1e-7, far below the bf16
+ * rounding of any output. */
+#define EXP_POLY(V, x, n, p)                                                    \
+    do {                                                                        \
+        __typeof__(x) r_ = V##_fnmadd_ps(n, V##_set1_ps(0.693359375f), x);      \
+        r_ = V##_fnmadd_ps(n, V##_set1_ps(-2.12194440e-4f), r_);                \
+        p = V##_set1_ps(1.9875691500e-4f);                                      \
+        p = V##_fmadd_ps(p, r_, V##_set1_ps(1.3981999507e-3f));                 \
+        p = V##_fmadd_ps(p, r_, V##_set1_ps(8.3334519073e-3f));                 \
+        p = V##_fmadd_ps(p, r_, V##_set1_ps(4.1665795894e-2f));                 \
+        p = V##_fmadd_ps(p, r_, V##_set1_ps(1.6666665459e-1f));                 \
+        p = V##_fmadd_ps(p, r_, V##_set1_ps(5.0000001201e-1f));                 \
+        p = V##_fmadd_ps(p, V##_mul_ps(r_, r_), V##_add_ps(r_, V##_set1_ps(1.0f))); \
+    } while (0)
+
 #if defined(__AVX512BF16__)
 static inline __m512 load_bf16x16(const bf16 *p) {
     return _mm512_castsi512_ps(
@@ -19,21 +35,13 @@ static inline __m512 round_bf16x16(__m512 x) { /* through bf16 (RNE) and back */
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
-/* exp on 16 lanes for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial on
- * x - n ln2, scaled by 2^n; relative error ~1e-7, far below the bf16 rounding of the output. */
+/* exp on 16 lanes for x <= 0 (softmax after subtracting the max): EXP_POLY scaled by 2^n */
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 p;
+    EXP_POLY(_mm512, x, n, p);
     return _mm512_scalef_ps(p, n);
 }
 
@@ -62,16 +70,7 @@ static inline vfloat v_exp(vfloat x) { return exp512(x); }
 static inline vfloat v_silu_bf16(vfloat g) { return silu_bf16x16(g); }
 static inline float v_hsum(vfloat x) { return _mm512_reduce_add_ps(x); }
 static inline float v_hmax(vfloat x) { return _mm512_reduce_max_ps(x); }
-#define v_set1 _mm512_set1_ps
-#define v_zero _mm512_setzero_ps
-#define v_loadu _mm512_loadu_ps
-#define v_storeu _mm512_storeu_ps
-#define v_add _mm512_add_ps
-#define v_sub _mm512_sub_ps
-#define v_mul _mm512_mul_ps
-#define v_max _mm512_max_ps
-#define v_fmadd _mm512_fmadd_ps
-#define v_fmsub _mm512_fmsub_ps
+#define VPS(op) _mm512_##op##_ps
 
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline __m256 load_bf16x8(const bf16 *p) {
@@ -99,20 +98,13 @@ static inline void store_bf16x8(bf16 *p, __m256 x) {
                      _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
-/* exp512's polynomial on 8 lanes (x <= 0), 2^n built in the exponent field (n >= -126) */
+/* exp on 8 lanes for x <= 0: EXP_POLY times 2^n built in the exponent field (n >= -126) */
 static inline __m256 exp256(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256 p;
+    EXP_POLY(_mm256, x, n, p);
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -150,16 +142,19 @@ static inline vfloat v_exp(vfloat x) { return exp256(x); }
 static inline vfloat v_silu_bf16(vfloat g) { return silu_bf16x8(g); }
 static inline float v_hsum(vfloat x) { return hsum8(x); }
 static inline float v_hmax(vfloat x) { return hmax8(x); }
-#define v_set1 _mm256_set1_ps
-#define v_zero _mm256_setzero_ps
-#define v_loadu _mm256_loadu_ps
-#define v_storeu _mm256_storeu_ps
-#define v_add _mm256_add_ps
-#define v_sub _mm256_sub_ps
-#define v_mul _mm256_mul_ps
-#define v_max _mm256_max_ps
-#define v_fmadd _mm256_fmadd_ps
-#define v_fmsub _mm256_fmsub_ps
+#define VPS(op) _mm256_##op##_ps
 #else
 #error "kernels need AVX512-BF16 or AVX2 + FMA (kernels/__init__.py picks the flags)"
 #endif
+
+/* the fp32 vector ops of this width */
+#define v_set1 VPS(set1)
+#define v_zero VPS(setzero)
+#define v_loadu VPS(loadu)
+#define v_storeu VPS(storeu)
+#define v_add VPS(add)
+#define v_sub VPS(sub)
+#define v_mul VPS(mul)
+#define v_max VPS(max)
+#define v_fmadd VPS(fmadd)
+#define v_fmsub VPS(fmsub)
