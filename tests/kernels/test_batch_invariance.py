@@ -103,3 +103,38 @@ def test_logsumexp_and_argmax_rows_are_batch_invariant(kernels, batch):
     for r in _rows(batch):
         lse_r, idx_r = run(slice(r, r + 1))
         assert torch.equal(lse_r[0], lse[r]) and idx_r[0] == idx[r]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (6, 2, 48, 5)]
+)
+def test_prefill_query_is_its_decode_row(kernels, heads, kv_heads, head_dim, block_size):
+    """genserve_prefill_attention_bf16 gives each query of a chunk the bits the decode kernel
+    gives a row of the same context (chunk of 40 tokens after a cached prefix of 90)."""
+    g = torch.Generator().manual_seed(heads)
+    ctx, n = 130, 40
+    width = (ctx + block_size - 1) // block_size
+    kc = torch.randn(width + 3, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    vc = torch.randn_like(kc)
+    table = (torch.randperm(width + 2, generator=g)[:width] + 1).view(1, width)
+    qd, kvd = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(n, qd + 2 * kvd, generator=g).bfloat16()  # K/V columns unread: in the cache
+    meta = torch.tensor([[0], [n], [ctx]])
+    prefill = torch.empty(n, qd, dtype=torch.bfloat16)
+    rc = kernels.genserve_prefill_attention_bf16(
+        qkv.data_ptr(), qkv.stride(0), prefill.data_ptr(), qd, kc.data_ptr(), vc.data_ptr(),
+        table.data_ptr(), width, meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), 1,
+        heads, kv_heads, head_dim, block_size, head_dim**-0.5,
+    )  # fmt: skip
+    assert rc == 0
+    q = qkv[:, :qd].contiguous()
+    lens = torch.arange(ctx - n + 1, ctx + 1)
+    decode = torch.empty_like(q)
+    tables = table.expand(n, width).contiguous()  # kept alive through the call
+    rc = kernels.genserve_paged_decode_attention_bf16(
+        q.data_ptr(), qd, decode.data_ptr(), qd, kc.data_ptr(), vc.data_ptr(),
+        tables.data_ptr(), width, lens.data_ptr(), ctx, n, heads,
+        kv_heads, head_dim, block_size, head_dim**-0.5,
+    )  # fmt: skip
+    assert rc == 0
+    assert torch.equal(prefill, decode)

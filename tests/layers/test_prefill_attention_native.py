@@ -1,4 +1,5 @@
-"""Prefill attention in AMX tiles (`genserve_prefill_attention_amx`, kernels/attention_prefill.c)
+"""Prefill attention (kernels/attention_prefill.c: every set's `genserve_prefill_attention_bf16`,
+the amx set's `genserve_prefill_attention_amx` in tiles)
 against a float32 reference and against the SDPA path it replaces (`PagedAttention._prefill`):
 several chunks at once, with and without a cached prefix, lengths that are not multiples of 16,
 scattered blocks, grouped-query layouts."""
@@ -8,11 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genserve.kernels import load_kernels
 from genserve.layers.attention import PagedAttention
 
-lib = load_kernels("amx")
-pytestmark = pytest.mark.skipif(lib is None, reason="the amx kernel set does not run on this CPU")
+
+def prefill_kernels(lib) -> list:
+    """every kernel set's genserve_prefill_attention_bf16, and the amx set's tile kernel"""
+    names = ("genserve_prefill_attention_bf16", "genserve_prefill_attention_amx")
+    return [getattr(lib, name) for name in names if hasattr(lib, name)]
 
 
 def _reference(q, k, v, start, scale):
@@ -34,7 +37,12 @@ CHUNKS = [(128, 128), (37, 37), (200, 23), (16, 16), (65, 1), (300, 140)]
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 128, 5), (4, 4, 32, 7)]
 )
-def test_native_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_size):
+def test_native_prefill_attention_matches_reference(kernels, heads, kv_heads, head_dim, block_size):
+    for prefill in prefill_kernels(kernels):
+        _check(prefill, heads, kv_heads, head_dim, block_size)
+
+
+def _check(prefill, heads, kv_heads, head_dim, block_size):
     g = torch.Generator().manual_seed(heads + head_dim + block_size)
     att = PagedAttention(heads, kv_heads, head_dim)
     blocks = [(c + block_size - 1) // block_size for c, _ in CHUNKS]
@@ -65,7 +73,7 @@ def test_native_prefill_attention_matches_reference(heads, kv_heads, head_dim, b
         row += n
     meta = torch.tensor([starts, [n for _, n in CHUNKS], [c for c, _ in CHUNKS]], dtype=torch.int64)
     out = torch.full((rows, qd), float("nan"), dtype=torch.bfloat16)
-    rc = lib.genserve_prefill_attention_amx(
+    rc = prefill(
         qkv.data_ptr(), qkv.shape[1], out.data_ptr(), qd, att.k_cache.data_ptr(),
         att.v_cache.data_ptr(), padded.data_ptr(), width, meta[0].data_ptr(), meta[1].data_ptr(),
         meta[2].data_ptr(), len(CHUNKS), heads, kv_heads, head_dim, block_size, att.scale,

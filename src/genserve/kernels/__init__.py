@@ -99,6 +99,10 @@ def _load(
     return lib
 
 
+PREFILL_ARGS = (
+    [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT, FLT],
+    INT,
+)
 # Every native kernel set exports these. genserve_decode_layer_bf16 takes struct pointers
 # (layers/fused_decode.py builds them).
 KERNEL_SIGNATURES: Signatures = {
@@ -115,15 +119,14 @@ KERNEL_SIGNATURES: Signatures = {
     "genserve_top_p_mask_f32": ([PTR, I64, PTR, INT, I64, PTR], INT),
     "genserve_top_k_mask_f32": ([PTR, I64, INT, I64, PTR], INT),
     "genserve_logsumexp_f32": ([PTR, I64, INT, I64, PTR], None),
+    "genserve_prefill_attention_bf16": PREFILL_ARGS,
 }  # fmt: skip
 # The amx set's extras (callers test with hasattr); genserve_decode_stack_bf16 takes struct
 # pointers too.
 AMX_SIGNATURES: Signatures = {
     **KERNEL_SIGNATURES,
     "genserve_decode_stack_bf16": (None, INT),
-    "genserve_prefill_attention_amx": (
-        [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT, FLT], INT
-    ),
+    "genserve_prefill_attention_amx": PREFILL_ARGS,
 }  # fmt: skip
 
 

@@ -1,5 +1,10 @@
-/* Prefill attention in AMX tiles (the amx kernel set only).
- * Causal attention of S prefill chunks (rows row_starts[s] .. + num_tokens[s] of the qkv buffer,
+/* Causal prefill attention over the paged cache, for S chunks at once.
+ *
+ * `genserve_prefill_attention_bf16` (every kernel set): each query is attended as a decode row
+ * whose context ends at its own position (attention_decode.c's attend_kv_group), so a token's
+ * attention is the same bits whether it is computed in a prefill chunk or as a decode row.
+ *
+ * `genserve_prefill_attention_amx` (the amx set): causal attention of S prefill chunks (rows row_starts[s] .. + num_tokens[s] of the qkv buffer,
  * whose K/V are already in the cache) over their whole context (cached prefix + the chunk),
  * read from the paged cache. Per (chunk, KV head): K^T and V are packed once into tile layout
  * (pairs interleaved), then each of the G query heads takes 16 queries at a time:
@@ -11,12 +16,72 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
 #include "kernels.h"
 #include "vec_math.h"
-
 #ifdef GENSERVE_AMX
 #include "amx.h"
+#endif
 
+/* qkv rows of (H + 2 KVH) D at stride ld; out rows of H D at stride ldo; tables [S, max_blocks];
+ * chunk s: rows row_starts[s] .. + num_tokens[s], its K/V already in the cache, context (cached
+ * prefix + the chunk) context_lens[s]. Returns 0, or -1 (nothing written) for an unsupported
+ * head layout or when memory ran out. */
+int genserve_prefill_attention_bf16(const bf16 *qkv, int64_t ld, bf16 *out, int64_t ldo,
+                                    const bf16 *k_cache, const bf16 *v_cache,
+                                    const int64_t *block_tables, int max_blocks,
+                                    const int64_t *row_starts, const int64_t *num_tokens,
+                                    const int64_t *context_lens, int S, int H, int KVH, int D,
+                                    int block_size, float scale) {
+    if (H % KVH || H / KVH > 64 || D > 256) return -1;
+    int64_t max_ctx = 0, rows = 0;
+    for (int s = 0; s < S; s++) {
+        max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
+        rows += num_tokens[s];
+    }
+    const int G = H / KVH;
+    const AttnArgs shape = {k_cache, v_cache, block_tables, context_lens, max_blocks, block_size,
+                            H, KVH, D, scale};
+    const size_t need = attend_buffer_floats(&shape, max_ctx);
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *buf = thread_buffer(need);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#ifdef GENSERVE_AMX
+            amx_tiles_16x64();
+#endif
+            /* item: (query row, KV head), the chunk's rows in order; the chunk found by a walk
+             * from the previous item's (S is small) */
+#pragma omp for schedule(dynamic, 16)
+            for (int64_t i = 0; i < rows * KVH; i++) {
+                const int64_t row = i / KVH;
+                const int kvh = (int)(i % KVH);
+                int s = 0;
+                int64_t first = 0;
+                while (row >= first + num_tokens[s]) first += num_tokens[s++];
+                const int64_t j = row - first; /* the query's place in its chunk */
+                const int64_t len = context_lens[s] - num_tokens[s] + j + 1;
+                const AttnArgs a = {k_cache, v_cache, block_tables + (int64_t)s * max_blocks,
+                                    &len, max_blocks, block_size, H, KVH, D, scale};
+                const int64_t head = (int64_t)kvh * G * D;
+                attend_kv_group(&a, qkv + (row_starts[s] + j) * ld + head,
+                                out + (row_starts[s] + j) * ldo + head, buf, max_ctx, 0, kvh);
+            }
+#ifdef GENSERVE_AMX
+            _tile_release();
+#endif
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+#ifdef GENSERVE_AMX
 static void prefill_item(const bf16 *qkv, int64_t ld, bf16 *out, int64_t ldo, const bf16 *k_cache,
                          const bf16 *v_cache, const int64_t *table, int64_t row0, int64_t n,
                          int64_t ctx, int kvh, int H, int KVH, int D, int bs, float scale,
