@@ -21,6 +21,19 @@ float *thread_buffer(size_t n) {
     return (float *)grow_buffer(&buf, &cap, n * sizeof(float));
 }
 
+float *team_buffer(size_t n, int *failed) {
+    float *buf = thread_buffer(n);
+    if (!buf) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int any;
+#pragma omp atomic read
+    any = *failed;
+    return any ? NULL : buf;
+}
+
 /* scores [H][lenp], key rows [lenp] int64, then two [G][D] (query copy, accumulators) */
 size_t attend_buffer_floats(const AttnArgs *a, int64_t max_context) {
     const size_t lenp = (size_t)(max_context + 15) / 16 * 16;
@@ -403,11 +416,7 @@ int genserve_paged_decode_attention_bf16(const bf16 *q, int64_t ldq, bf16 *out, 
 #endif
 #pragma omp parallel
     {
-        float *buf = thread_buffer(attend_buffer_floats(&aa, max_context));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buf = team_buffer(attend_buffer_floats(&aa, max_context), &failed);
 #ifdef GENSERVE_AMX
         amx_tiles_16x64();
 #endif

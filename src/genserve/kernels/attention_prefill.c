@@ -46,13 +46,8 @@ int genserve_prefill_attention_bf16(const bf16 *qkv, int64_t ld, bf16 *out, int6
     int failed = 0;
 #pragma omp parallel
     {
-        float *buf = thread_buffer(need);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        float *buf = team_buffer(need, &failed);
+        if (buf) {
 #ifdef GENSERVE_AMX
             amx_tiles_16x64();
 #endif
@@ -215,13 +210,8 @@ int genserve_prefill_attention_amx(const bf16 *qkv, int64_t ld, bf16 *out, int64
     int failed = 0;
 #pragma omp parallel
     {
-        float *buf = thread_buffer(need);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        float *buf = team_buffer(need, &failed);
+        if (buf) {
             amx_tiles_16x64();
 #pragma omp for schedule(dynamic)
             for (int i = 0; i < S * KVH; i++)

@@ -37,6 +37,10 @@ typedef struct {
 
 /* n floats for the calling thread, reused every call (NULL when out of memory) */
 HIDDEN float *thread_buffer(size_t n);
+/* Inside a parallel region, called by every thread: its thread_buffer(n), or NULL on every
+ * thread once any thread's allocation failed (*failed then set), so no thread takes work it
+ * cannot do. */
+HIDDEN float *team_buffer(size_t n, int *failed);
 /* floats of thread buffer attend_kv_group needs for contexts up to max_context */
 HIDDEN size_t attend_buffer_floats(const AttnArgs *a, int64_t max_context);
 /* Row t's G = H / KVH query heads that share KV head kvh (q, out point at the first of them):
