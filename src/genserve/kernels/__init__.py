@@ -99,6 +99,7 @@ def _load(
     return lib
 
 
+# genserve_prefill_attention_bf16 (every set) and genserve_prefill_attention_amx: one signature
 PREFILL_ARGS = (
     [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT, FLT],
     INT,
