@@ -1,21 +1,26 @@
-"""Linear layers with prepacked bfloat16 weights for batched rows on CPU.
+"""Linear layers on CPU, their bf16 matmul chosen by kernel set (`LINEAR_KERNELS`), never by
+the row count, so that a row's output does not depend on the rows beside it.
 
 `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call,
-and oneDNN's kernels are tuned for large matrices. For the 5-256 row matmuls of a batched decode
-step each weight is packed once instead:
+picks its blocking by the row count, and on CPUs without AVX512-BF16 falls back to a slow
+scalar path. Instead:
 
-- into AMX tiles (`kernels/amx_linear.c`) on CPUs with AMX-BF16: the weight streams once per
-  call; SmolLM2-135M, 32 rows, 2 threads, every linear of a step (distinct weights, as in the
-  model): 13.5 ms, against 33 ms for oneDNN on prepacked weights;
-- else into oneDNN's layout (`torch.ops.mkldnn`), which skips the per-call reorder.
+- `amx`: each weight is packed once into AMX tiles (`kernels/amx_linear.c`); the tiles
+  accumulate each output element over K in a fixed order at any row count. SmolLM2-135M, 32
+  rows, 2 threads, every linear of a step (distinct weights, as in the model): 13.5 ms, against
+  33 ms for oneDNN on prepacked weights. Prefill chunks take the same path;
+- `avx512-bf16`, `avx2-fma`: `genserve_gemm_bf16` on the plain weights (one fp32 dot product per
+  output element, the same order at any row count);
+- `torch`: F.linear.
 
-Larger inputs (prefill chunks) keep `F.linear`. The packed copy sits beside the plain weight,
-which the fused decode kernel and prefill still read: packing costs one extra copy of the
-linear weights, so it is skipped when that would not fit comfortably.
+A oneDNN packing (`PackedWeight` without AMX) remains for callers that ask for it. The packed
+copy sits beside the plain weight, which the fused decode layer still reads: packing costs one
+extra copy of the linear weights, so it is skipped when that would not fit comfortably.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -24,11 +29,11 @@ from torch import nn
 
 from genserve import hugepages
 from genserve.kernels import load_amx_linear
+from genserve.kernels.gemm import gemm_bf16
+from genserve.layers.basic import silu_and_mul
 
 log = logging.getLogger(__name__)
 
-# rows up to which the packed weight is used
-PACKED_MAX_ROWS = 256
 # the batch-size hint oneDNN packs for (the middle of the decode range)
 PACK_HINT_ROWS = 32
 
@@ -110,15 +115,40 @@ class PackedWeight:
         return self.weight.numel() * self.weight.element_size()
 
 
+# kernel set -> the bf16 matmul its linears run (see the module docstring for the measurements)
+LINEAR_KERNELS: dict[str, str] = {
+    "amx": "amx",  # AMX tiles on prepacked weights, every row count
+    "avx512-bf16": "gemm",  # genserve_gemm_bf16 on the plain weights
+    "avx2-fma": "gemm",
+    "torch": "torch",  # F.linear
+}
+
+
 class Linear(nn.Linear):
-    """nn.Linear that uses `packed` (set by `pack_linear_weights`) for 2-D inputs of few rows."""
+    """nn.Linear whose bf16 matmul is its kernel set's (`LINEAR_KERNELS`): `packed` (set by
+    `pack_linear_weights`), else `genserve_gemm_bf16` where `lib` is bound, else F.linear. The
+    choice never depends on the row count: a row's output is the same in any batch."""
 
     packed: PackedWeight | None = None
+    lib: ctypes.CDLL | None = None  # native kernels (gemm, silu_mul), bound by the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
-            return self.packed(x, self.bias)
+        if x.dim() == 2 and x.dtype == torch.bfloat16:
+            if self.packed is not None:
+                return self.packed(x, self.bias)
+            if self.lib is not None:
+                return gemm_bf16(self.lib, x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul of this (stacked gate|up, [2 I, K]) projection of x -> [M, I]: in one
+        pass on the AMX packing where there is one (the same bf16 values), else the linear
+        then `silu_and_mul`."""
+        if self.packed is not None and x.dim() == 2:
+            out = self.packed.glu(x)
+            if out is not None:
+                return out
+        return silu_and_mul(self(x), self.lib)
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
@@ -134,10 +164,11 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
-def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
+def pack_linear_weights(model: nn.Module, budget_bytes: int, onednn: bool = True) -> int:
     """Packs every `Linear` of `model` and its output projection (`lm_head_weight()`, stored as
     `model.packed_lm_head`) when their weights fit `budget_bytes` in total; returns the bytes
-    packed (0 when skipped)."""
+    packed (0 when skipped). Into AMX tiles where the shape allows, else (with `onednn`) into
+    oneDNN's layout; without, such a weight stays plain."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     head = model.lm_head_weight() if hasattr(model, "lm_head_weight") else None
     weights = [m.weight for m in linears] + ([head] if head is not None else [])
@@ -155,7 +186,7 @@ def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
     def pack(w: torch.Tensor) -> PackedWeight:
         nonlocal offset
         if arena is None or not PackedWeight.amx_packable(w):
-            return PackedWeight(w)
+            return PackedWeight(w) if onednn else None
         offset += w.numel()
         return PackedWeight(w, arena[offset - w.numel() : offset])
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from genserve.config import ModelConfig
-from genserve.models.llama import ARCHITECTURES
+from genserve.models.registry import model_class, supported_architectures
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ def load_config(model_dir: Path) -> ModelConfig:
         cfg = ModelConfig.from_hf(raw)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"invalid config.json in {model_dir}: {e}") from e
-    if cfg.architecture not in ARCHITECTURES:
+    if model_class(cfg.architecture) is None:
         raise ModelLoadError(
             f"unsupported architecture {cfg.architecture or '(none)'!r}; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"supported: {', '.join(supported_architectures())}"
         )
     return cfg
 
@@ -114,7 +114,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
     """Build the model on `meta` and fill every parameter from the checkpoint."""
     cfg = cfg or load_config(model_dir)
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.architecture](cfg)
+        model = model_class(cfg.architecture)(cfg)
     params = dict(model.named_parameters())
     for name, p in params.items():
         setattr(
