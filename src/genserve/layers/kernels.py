@@ -28,10 +28,16 @@ def bind_layer_kernels(
     for m in model.modules():
         if isinstance(m, RMSNorm | PagedAttention | Linear):
             m.lib = lib
+        if isinstance(m, Linear):
+            m.packed = None  # a set bound before may have packed it
+    model.packed_lm_head = None
     packed = 0
     dtype = next(model.parameters()).dtype
-    if lib is not None and dtype == torch.bfloat16 and LINEAR_KERNELS[kernel_set] == "amx":
-        packed = pack_linear_weights(model, pack_budget, onednn=False)
+    kind = LINEAR_KERNELS[kernel_set]
+    if lib is not None and dtype == torch.bfloat16 and kind in ("amx", "onednn"):
+        packed = pack_linear_weights(model, pack_budget, kind)
+        if kind == "onednn":  # oneDNN rounds fp32 outputs to bf16 first: logits by the gemm
+            model.packed_lm_head = None
     return lib, packed
 
 

@@ -9,11 +9,17 @@ scalar path. Instead:
   accumulate each output element over K in a fixed order at any row count. SmolLM2-135M, 32
   rows, 2 threads, every linear of a step (distinct weights, as in the model): 13.5 ms, against
   33 ms for oneDNN on prepacked weights. Prefill chunks take the same path;
-- `avx512-bf16`, `avx2-fma`: `genserve_gemm_bf16` on the plain weights (one fp32 dot product per
-  output element, the same order at any row count);
+- `avx512-bf16`: oneDNN on weights packed once into its layout. Against `genserve_gemm_bf16` on
+  the plain weights, SmolLM2-135M's four linears of a layer, 2 threads (Xeon Sapphire Rapids
+  with oneDNN held to AVX512_CORE_BF16, busy machine, best of 12), ms, gemm | oneDNN: M=1 0.70 |
+  2.45, 2 0.54 | 2.57, 4 2.26 | 1.32, 8 1.57 | 0.35, 32 8.1 | 0.68, 128 30.5 | 1.06: the gemm
+  (as it is today) wins only where the fused layer kernel takes the step anyway (1-2 decode
+  rows). Both give the same bf16 outputs at every row count (tests/engine/test_batch_invariance);
+- `avx2-fma`: `genserve_gemm_bf16` on the plain weights (one fp32 dot product per output
+  element, the same order at any row count): AVX2 has no oneDNN bf16 path;
 - `torch`: F.linear.
 
-A oneDNN packing (`PackedWeight` without AMX) remains for callers that ask for it. The packed
+The packed
 copy sits beside the plain weight, which the fused decode layer still reads: packing costs one
 extra copy of the linear weights, so it is skipped when that would not fit comfortably.
 """
@@ -41,12 +47,15 @@ PACK_HINT_ROWS = 32
 class PackedWeight:
     """One [N, K] bf16 weight, packed; `__call__(x, bias, out_f32)` = F.linear(x, W, bias)."""
 
-    def __init__(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> None:
-        """`out`: where to put the AMX packing (`weight.numel()` elements of its dtype)."""
+    def __init__(
+        self, weight: torch.Tensor, out: torch.Tensor | None = None, amx: bool = True
+    ) -> None:
+        """`out`: where to put the AMX packing (`weight.numel()` elements of its dtype);
+        `amx=False`: oneDNN's layout even where AMX could take the weight."""
         self.weight = weight.detach()  # the module's own storage: the fallback
         self.n, self.k = weight.shape
         lib = load_amx_linear()
-        if self.amx_packable(weight):
+        if amx and self.amx_packable(weight):
             self.amx = lib
             self.data = torch.empty_like(self.weight) if out is None else out.view_as(weight)
             lib.genserve_amx_pack_bf16(self.weight.data_ptr(), self.data.data_ptr(), self.n, self.k)
@@ -118,7 +127,7 @@ class PackedWeight:
 # kernel set -> the bf16 matmul its linears run (see the module docstring for the measurements)
 LINEAR_KERNELS: dict[str, str] = {
     "amx": "amx",  # AMX tiles on prepacked weights, every row count
-    "avx512-bf16": "gemm",  # genserve_gemm_bf16 on the plain weights
+    "avx512-bf16": "onednn",  # oneDNN on prepacked weights (1-2 row decode: the layer kernel)
     "avx2-fma": "gemm",
     "torch": "torch",  # F.linear
 }
@@ -164,11 +173,11 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
-def pack_linear_weights(model: nn.Module, budget_bytes: int, onednn: bool = True) -> int:
+def pack_linear_weights(model: nn.Module, budget_bytes: int, kind: str = "any") -> int:
     """Packs every `Linear` of `model` and its output projection (`lm_head_weight()`, stored as
     `model.packed_lm_head`) when their weights fit `budget_bytes` in total; returns the bytes
-    packed (0 when skipped). Into AMX tiles where the shape allows, else (with `onednn`) into
-    oneDNN's layout; without, such a weight stays plain."""
+    packed (0 when skipped). `kind`: "amx" (AMX tiles where the shape allows, else the weight
+    stays plain), "onednn" (oneDNN's layout), "any" (AMX tiles, else oneDNN's layout)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     head = model.lm_head_weight() if hasattr(model, "lm_head_weight") else None
     weights = [m.weight for m in linears] + ([head] if head is not None else [])
@@ -179,14 +188,14 @@ def pack_linear_weights(model: nn.Module, budget_bytes: int, onednn: bool = True
                      total / 2**20, budget_bytes / 2**20)  # fmt: skip
         return 0
     # AMX packings share one arena on huge pages, in the order a step reads them
-    amx = [w for w in weights if PackedWeight.amx_packable(w)]
+    amx = [w for w in weights if kind != "onednn" and PackedWeight.amx_packable(w)]
     arena = hugepages.empty((sum(w.numel() for w in amx),), weights[0].dtype) if amx else None
     offset = 0
 
     def pack(w: torch.Tensor) -> PackedWeight:
         nonlocal offset
         if arena is None or not PackedWeight.amx_packable(w):
-            return PackedWeight(w) if onednn else None
+            return None if kind == "amx" else PackedWeight(w, amx=False)
         offset += w.numel()
         return PackedWeight(w, arena[offset - w.numel() : offset])
 
