@@ -102,7 +102,9 @@ def test_bf16_native_path_under_preemption_aborts_and_chunks(model_dir, record_p
     the CPU has them: a cache that forces preemption, chunked prefills beside decode rows and
     aborts mid-way leave no error, integrity intact after every step and every block free."""
     engine = make_engine(model_dir, num_blocks=40, block_size=4, budget=32, dtype="bfloat16")
-    assert (engine.runner.fused is not None) == (load_kernels() is not None)
+    assert (engine.runner.model.attention_layers()[0].lib is not None) == (
+        load_kernels() is not None
+    )
     preempted = record_preemptions(engine)
     reqs = _requests(12, max_new=40)
     out, finals = run(engine, reqs, abort_after={"r2": 5, "r7": 0, "r9": 20})

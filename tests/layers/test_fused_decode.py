@@ -10,7 +10,7 @@ from genserve.config import CacheConfig
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.request import Request
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_amx_linear
+from genserve.layers.packed_linear import LINEAR_KERNELS
 from genserve.models.loader import load_config, load_model
 
 
@@ -48,11 +48,10 @@ def _decode_logits(runner, steps=6, rows=3, mixed=False):
     return torch.stack(out)
 
 
-# 2 and 12 rows: with AMX, every layer of the step in one native call (forward_stack), else 2
-# rows through the fused layer kernel (FusedDecode.MAX_ROWS) and 12 through forward_mixed
-# (matmuls on prepacked weights with the native small ops and paged attention); layer: the
-# fused layer kernel forced where AMX would take the step; mixed: forward_mixed with decode
-# rows beside a prefill chunk
+# 2 and 12 rows: with AMX, every layer of the step in one native call (the `stack` path), else
+# 2 rows through the fused layer kernel (the `layer` path, FusedDecode.MAX_ROWS) and 12 through
+# the model's forward on the native kernels; layer: the layer path forced where AMX would take
+# the step; mixed: decode rows beside a prefill chunk (the model's forward)
 @pytest.mark.parametrize(
     ("rows", "mixed", "layer"),
     [(2, False, False), (2, False, True), (12, False, False), (6, True, False)],
@@ -63,22 +62,27 @@ def test_fused_decode_matches_torch_bf16(
 ):
     path = tiny_model_dir(arch)
     fused_runner = _runner(path, torch.bfloat16, native=True)
-    stacked, layered = [], []  # steps through forward_stack, through the layer kernel
-    fd = fused_runner.fused
+    stacked, layered = [], []  # steps through the stack, through the layer kernel
+    fd = fused_runner.model._fused
     monkeypatch.setattr(
-        fd, "forward_stack", lambda *a: stacked.append(1) or type(fd).forward_stack(fd, *a)
+        fd,
+        "forward_stack",
+        lambda *a, **k: stacked.append(1) or type(fd).forward_stack(fd, *a, **k),
     )
-    monkeypatch.setattr(fd, "forward", lambda *a: layered.append(1) or type(fd).forward(fd, *a))
+    monkeypatch.setattr(
+        fd, "forward_layers",
+        lambda *a, **k: layered.append(1) or type(fd).forward_layers(fd, *a, **k),
+    )  # fmt: skip
     if layer:
-        monkeypatch.setattr(fd, "_stack", lambda: None)
-    assert fused_runner.fused is not None and fused_runner.fused.MAX_ROWS == 2
-    assert (
-        fused_runner.packed_bytes > 0 and fused_runner.model.model.layers[0].self_attn.attn.native
-    )
+        monkeypatch.setattr(fused_runner, "paths", {"decode": "layer"})
+    decode_path = fused_runner.paths.get("decode")
+    assert fd is not None and fd.MAX_ROWS == 2
+    assert fused_runner.model.attention_layers()[0].lib is not None
+    packs = LINEAR_KERNELS[fused_runner.kernels.name] in ("amx", "onednn")
+    assert (fused_runner.packed_bytes > 0) == packs
     fused = _decode_logits(fused_runner, rows=rows, mixed=mixed)
-    amx_stack = load_amx_linear() is not None and not layer
-    assert len(stacked) == (6 if amx_stack and not mixed else 0)
-    assert len(layered) == (6 if rows == 2 and not amx_stack else 0)
+    assert len(stacked) == (6 if decode_path == "stack" and not mixed else 0)
+    assert len(layered) == (6 if decode_path == "layer" and rows == 2 and not mixed else 0)
     torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=rows, mixed=mixed)
     exact = _decode_logits(_runner(path, torch.float32, native=False), rows=rows, mixed=mixed)
     err_fused = (fused - exact).abs().mean().item()

@@ -62,8 +62,8 @@ def test_native_decode_attention_matches_reference(
     )  # fmt: skip
     ref = _reference(q, att.k_cache, att.v_cache, tables, lens, att.scale)
     with torch.inference_mode(), forward_context(ctx):
-        sdpa = att._decode(q, ctx)  # native is None: gathered blocks through SDPA
-        att.native = lib
+        sdpa = att._decode(q, ctx)  # lib is None: gathered blocks through SDPA
+        att.lib = lib
         native = att._decode(q, ctx)
     assert native.dtype == torch.bfloat16 and native.shape == q.shape
     err_native = (native.float() - ref).abs().max().item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +31,8 @@ class ForwardContext:
     decode_max_context: int
     prefills: list[PrefillSeq]
     seq_ends: list[int]  # per sequence (decode rows first): total length after this step
+    # the prefill chunks as the native prefill kernel reads them, built by the first layer
+    native_prefill: Any = None
 
 
 _current: ForwardContext | None = None

@@ -17,10 +17,8 @@ from genserve import allocator, hugepages
 from genserve.config import CacheConfig, ModelConfig
 from genserve.engine.forward_context import ForwardContext, PrefillSeq, forward_context
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_kernels
-from genserve.kernels.cpu import native_enabled
-from genserve.layers.fused_decode import FusedDecode
-from genserve.layers.packed_linear import pack_linear_weights, packing_supported
+from genserve.kernels.cpu import TORCH, KernelSet, kernel_set
+from genserve.models.base import CausalLM, StepFn
 from genserve.sampling.sampler import argmax_rows, chosen_logprobs
 
 log = logging.getLogger(__name__)
@@ -54,6 +52,22 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
     return int(blocks)
 
 
+# kernel set -> step kind -> the whole-step fast path the model is asked for
+# (`CausalLM.decode_fast_path`); a step the table or the model leaves out runs `model.forward`.
+# Each path gives the values `forward` gives on that set, so a row's tokens do not depend on
+# the path its step took (tests/engine/test_batch_invariance.py).
+STEP_PATHS: dict[str, dict[str, str]] = {
+    "amx": {"decode": "stack"},  # every layer of a pure-decode step in one native call
+    "avx512-bf16": {"decode": "layer"},  # the fused layer kernel, 1-2 rows
+    "avx2-fma": {"decode": "layer"},
+    TORCH: {},
+}
+
+
+def step_kind(ctx: ForwardContext) -> str:
+    return "mixed" if ctx.prefills else "decode"
+
+
 @dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
@@ -66,7 +80,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         cfg: ModelConfig,
         cache: CacheConfig,
         dtype: torch.dtype,
@@ -77,28 +91,19 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = cache.block_size
         allocator.retain_step_buffers()  # steps reuse their buffers' memory without faults
-        # before sizing the KV cache from free memory: the packed copy takes its share first
-        self.packed_bytes = 0
-        if native_kernels and native_enabled() and packing_supported(dtype):
-            self.packed_bytes = pack_linear_weights(model, available_memory_bytes() // 4)
+        self.kernels = kernel_set() if native_kernels else KernelSet(TORCH, "native kernels off")
+        # before sizing the KV cache from free memory: a packed weight copy takes its share first
+        self.packed_bytes = model.bind_kernels(self.kernels.name, available_memory_bytes() // 4)
+        self.paths = STEP_PATHS[self.kernels.name] if dtype == torch.bfloat16 else {}
         self.num_blocks = num_kv_blocks(cfg, cache, dtype)
         shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in model.model.layers:
-            k = hugepages.empty(shape, dtype, prefault=True)
-            v = hugepages.empty(shape, dtype, prefault=True)
-            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
-            self.kv_caches.append((k, v))
-        # bf16: with AMX, pure-decode steps run all layers in one native call
-        # (`FusedDecode.forward_stack`); without, pure-decode steps of few rows run through the
-        # fused native layer kernel; every other step through packed matmuls with native small
-        # ops and paged attention (`FusedDecode.forward_mixed`). Where FusedDecode declines the
-        # model (dynamic rope), the PyTorch model runs, its attention modules still using the
-        # native kernel for bf16 decode rows (no K/V gather)
-        self.fused = FusedDecode.create(model, dtype) if native_kernels else None
-        lib = load_kernels() if native_kernels and dtype == torch.bfloat16 else None
-        for layer in model.model.layers:
-            layer.self_attn.attn.native = lib
+        for attn in model.attention_layers():
+            attn.k_cache = hugepages.empty(shape, dtype, prefault=True)
+            attn.v_cache = hugepages.empty(shape, dtype, prefault=True)
+            self.kv_caches.append((attn.k_cache, attn.v_cache))
+        paths = ", ".join(f"{kind} steps: {p}" for kind, p in self.paths.items())
+        log.info("kernels: %s; %s", self.kernels, paths or "every step: model.forward")
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -106,6 +111,13 @@ class ModelRunner:
             self.num_blocks * self.block_size,
             self.num_blocks * kv_bytes_per_block(cfg, self.block_size, dtype) / 2**20,
         )
+
+    def step_forward(self, ctx: ForwardContext) -> StepFn:
+        """The one choice of path for a step: the model's declared fast path where `paths`
+        names one for this kind of step and the model takes it, else its forward."""
+        path = self.paths.get(step_kind(ctx))
+        fast = self.model.decode_fast_path(path, ctx) if path else None
+        return self.model if fast is None else fast
 
     @property
     def capacity_tokens(self) -> int:
@@ -186,14 +198,8 @@ class ModelRunner:
         chunk predicts.
         """
         step = self.prepare(out.scheduled)
-        fused = self.fused if self.fused is not None and self.fused.supports(step.ctx) else None
         with forward_context(step.ctx):
-            if fused is not None:
-                hidden = fused.forward(step.input_ids, step.positions, step.ctx)
-            elif self.fused is not None:
-                hidden = self.fused.forward_mixed(step.input_ids, step.positions, step.ctx)
-            else:
-                hidden = self.model(step.input_ids, step.positions)
+            hidden = self.step_forward(step.ctx)(step.input_ids, step.positions)
         prompt_lps = {
             s.request.request_id: self._prompt_logprobs(s, hidden, step)
             for s in prompt_logprob_rows
@@ -202,25 +208,21 @@ class ModelRunner:
             return torch.empty(0, self.cfg.vocab_size), prompt_lps
         rows = hidden[step.logits_rows]
         if greedy:
-            return self._greedy(rows, fused, logprobs), prompt_lps
-        if fused is not None:
-            return fused.logits(rows), prompt_lps
+            return self._greedy(rows, logprobs), prompt_lps
         return self.model.compute_logits(rows), prompt_lps
 
     def _greedy(
-        self, rows: torch.Tensor, fused: FusedDecode | None, logprobs: bool
+        self, rows: torch.Tensor, logprobs: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Where `compute_logits` would use the AMX-packed output projection, the projection
-        keeps only each row's argmax (and log_softmax there): same values, no [N, vocab]
-        logits written and re-read (~0.5 ms of a 32-row step, ~1.5 ms with logprobs); else
-        from the logits, as the sampler would."""
+        """Where the model's output projection can keep only each row's argmax (and
+        log_softmax there; `CausalLM.greedy`): same values, no [N, vocab] logits written and
+        re-read (~0.5 ms of a 32-row step, ~1.5 ms with logprobs); else from the logits, as
+        the sampler would."""
         vocab = self.cfg.vocab_size
-        head = self.model.packed_head(rows.shape[0]) if fused is None else None
-        chosen = head.argmax(rows, vocab, logprobs) if head is not None else None
+        chosen = self.model.greedy(rows, vocab, logprobs)
         if chosen is not None:
             return chosen
-        logits = fused.logits(rows) if fused is not None else self.model.compute_logits(rows)
-        logits = logits[:, :vocab]
+        logits = self.model.compute_logits(rows)[:, :vocab]
         ids = argmax_rows(logits)
         return ids, chosen_logprobs(logits, ids) if logprobs else None
 

@@ -1,7 +1,10 @@
-"""Small building blocks: RMSNorm, SwiGLU activation, rotary position embeddings."""
+"""Small building blocks: RMSNorm (with the fused residual add), SwiGLU activation, rotary
+position embeddings. In bf16, where the model is bound to native kernels (`lib`), RMSNorm and
+SwiGLU run `kernels/small_ops.py` with the PyTorch ops' rounding; PyTorch ops otherwise."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -9,16 +12,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.kernels import small_ops
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich, 2019), computed in float32 as transformers does."""
+    """Root-mean-square norm (Zhang & Sennrich, 2019), computed in float32 as transformers does.
+
+    `norm(x)` -> normed; `norm(x, residual)` (vLLM style) -> (normed, residual): the new
+    residual is residual + x (natively: updated in place), normed its norm."""
+
+    lib: ctypes.CDLL | None = None  # native kernels (bf16), bound by the model
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        native = self.lib is not None and x.dtype == torch.bfloat16 and x.dim() == 2
+        if residual is None:
+            if not native:
+                return self._norm(x)
+            x = x.contiguous()
+        elif not native:
+            residual = residual + x
+            return self._norm(residual), residual
+        # [T, hidden]: the residual add in place on the stream and the norm in one pass
+        out = torch.empty_like(x)
+        stream = x if residual is None else residual
+        small_ops.add_rmsnorm(self.lib, x=stream, delta=None if residual is None else x,
+                              weight=self.weight, out=out, eps=self.eps)  # fmt: skip
+        return out if residual is None else (out, stream)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
@@ -26,8 +54,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """SwiGLU (Shazeer, 2020) over a packed [.., 2*I] gate_up projection."""
+    if lib is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous():
+        return small_ops.silu_mul(lib, gate_up=x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

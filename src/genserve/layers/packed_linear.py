@@ -1,21 +1,32 @@
-"""Linear layers with prepacked bfloat16 weights for batched rows on CPU.
+"""Linear layers on CPU, their bf16 matmul chosen by kernel set (`LINEAR_KERNELS`), never by
+the row count, so that a row's output does not depend on the rows beside it.
 
 `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call,
-and oneDNN's kernels are tuned for large matrices. For the 5-256 row matmuls of a batched decode
-step each weight is packed once instead:
+picks its blocking by the row count, and on CPUs without AVX512-BF16 falls back to a slow
+scalar path. Instead:
 
-- into AMX tiles (`kernels/amx_linear.c`) on CPUs with AMX-BF16: the weight streams once per
-  call; SmolLM2-135M, 32 rows, 2 threads, every linear of a step (distinct weights, as in the
-  model): 13.5 ms, against 33 ms for oneDNN on prepacked weights;
-- else into oneDNN's layout (`torch.ops.mkldnn`), which skips the per-call reorder.
+- `amx`: each weight is packed once into AMX tiles (`kernels/amx_linear.c`); the tiles
+  accumulate each output element over K in a fixed order at any row count. SmolLM2-135M, 32
+  rows, 2 threads, every linear of a step (distinct weights, as in the model): 13.5 ms, against
+  33 ms for oneDNN on prepacked weights. Prefill chunks take the same path;
+- `avx512-bf16`: oneDNN on weights packed once into its layout. Against `genserve_gemm_bf16` on
+  the plain weights, SmolLM2-135M's four linears of a layer, 2 threads (Xeon Sapphire Rapids
+  with oneDNN held to AVX512_CORE_BF16, busy machine, best of 12), ms, gemm | oneDNN: M=1 0.70 |
+  2.45, 2 0.54 | 2.57, 4 2.26 | 1.32, 8 1.57 | 0.35, 32 8.1 | 0.68, 128 30.5 | 1.06: the gemm
+  (as it is today) wins only where the fused layer kernel takes the step anyway (1-2 decode
+  rows). Both give the same bf16 outputs at every row count (tests/engine/test_batch_invariance);
+- `avx2-fma`: `genserve_gemm_bf16` on the plain weights (one fp32 dot product per output
+  element, the same order at any row count): AVX2 has no oneDNN bf16 path;
+- `torch`: F.linear.
 
-Larger inputs (prefill chunks) keep `F.linear`. The packed copy sits beside the plain weight,
-which the fused decode kernel and prefill still read: packing costs one extra copy of the
-linear weights, so it is skipped when that would not fit comfortably.
+The packed
+copy sits beside the plain weight, which the fused decode layer still reads: packing costs one
+extra copy of the linear weights, so it is skipped when that would not fit comfortably.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -24,11 +35,11 @@ from torch import nn
 
 from genserve import hugepages
 from genserve.kernels import load_amx_linear
+from genserve.kernels.gemm import gemm_bf16
+from genserve.layers.basic import silu_and_mul
 
 log = logging.getLogger(__name__)
 
-# rows up to which the packed weight is used
-PACKED_MAX_ROWS = 256
 # the batch-size hint oneDNN packs for (the middle of the decode range)
 PACK_HINT_ROWS = 32
 
@@ -36,12 +47,15 @@ PACK_HINT_ROWS = 32
 class PackedWeight:
     """One [N, K] bf16 weight, packed; `__call__(x, bias, out_f32)` = F.linear(x, W, bias)."""
 
-    def __init__(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> None:
-        """`out`: where to put the AMX packing (`weight.numel()` elements of its dtype)."""
+    def __init__(
+        self, weight: torch.Tensor, out: torch.Tensor | None = None, amx: bool = True
+    ) -> None:
+        """`out`: where to put the AMX packing (`weight.numel()` elements of its dtype);
+        `amx=False`: oneDNN's layout even where AMX could take the weight."""
         self.weight = weight.detach()  # the module's own storage: the fallback
         self.n, self.k = weight.shape
         lib = load_amx_linear()
-        if self.amx_packable(weight):
+        if amx and self.amx_packable(weight):
             self.amx = lib
             self.data = torch.empty_like(self.weight) if out is None else out.view_as(weight)
             lib.genserve_amx_pack_bf16(self.weight.data_ptr(), self.data.data_ptr(), self.n, self.k)
@@ -110,15 +124,40 @@ class PackedWeight:
         return self.weight.numel() * self.weight.element_size()
 
 
+# kernel set -> the bf16 matmul its linears run (see the module docstring for the measurements)
+LINEAR_KERNELS: dict[str, str] = {
+    "amx": "amx",  # AMX tiles on prepacked weights, every row count
+    "avx512-bf16": "onednn",  # oneDNN on prepacked weights (1-2 row decode: the layer kernel)
+    "avx2-fma": "gemm",
+    "torch": "torch",  # F.linear
+}
+
+
 class Linear(nn.Linear):
-    """nn.Linear that uses `packed` (set by `pack_linear_weights`) for 2-D inputs of few rows."""
+    """nn.Linear whose bf16 matmul is its kernel set's (`LINEAR_KERNELS`): `packed` (set by
+    `pack_linear_weights`), else `genserve_gemm_bf16` where `lib` is bound, else F.linear. The
+    choice never depends on the row count: a row's output is the same in any batch."""
 
     packed: PackedWeight | None = None
+    lib: ctypes.CDLL | None = None  # native kernels (gemm, silu_mul), bound by the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
-            return self.packed(x, self.bias)
+        if x.dim() == 2 and x.dtype == torch.bfloat16:
+            if self.packed is not None:
+                return self.packed(x, self.bias)
+            if self.lib is not None:
+                return gemm_bf16(self.lib, x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul of this (stacked gate|up, [2 I, K]) projection of x -> [M, I]: in one
+        pass on the AMX packing where there is one (the same bf16 values), else the linear
+        then `silu_and_mul`."""
+        if self.packed is not None and x.dim() == 2:
+            out = self.packed.glu(x)
+            if out is not None:
+                return out
+        return silu_and_mul(self(x), self.lib)
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
@@ -134,10 +173,11 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
-def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
+def pack_linear_weights(model: nn.Module, budget_bytes: int, kind: str = "any") -> int:
     """Packs every `Linear` of `model` and its output projection (`lm_head_weight()`, stored as
     `model.packed_lm_head`) when their weights fit `budget_bytes` in total; returns the bytes
-    packed (0 when skipped)."""
+    packed (0 when skipped). `kind`: "amx" (AMX tiles where the shape allows, else the weight
+    stays plain), "onednn" (oneDNN's layout), "any" (AMX tiles, else oneDNN's layout)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     head = model.lm_head_weight() if hasattr(model, "lm_head_weight") else None
     weights = [m.weight for m in linears] + ([head] if head is not None else [])
@@ -148,14 +188,14 @@ def pack_linear_weights(model: nn.Module, budget_bytes: int) -> int:
                      total / 2**20, budget_bytes / 2**20)  # fmt: skip
         return 0
     # AMX packings share one arena on huge pages, in the order a step reads them
-    amx = [w for w in weights if PackedWeight.amx_packable(w)]
+    amx = [w for w in weights if kind != "onednn" and PackedWeight.amx_packable(w)]
     arena = hugepages.empty((sum(w.numel() for w in amx),), weights[0].dtype) if amx else None
     offset = 0
 
     def pack(w: torch.Tensor) -> PackedWeight:
         nonlocal offset
         if arena is None or not PackedWeight.amx_packable(w):
-            return PackedWeight(w)
+            return None if kind == "amx" else PackedWeight(w, amx=False)
         offset += w.numel()
         return PackedWeight(w, arena[offset - w.numel() : offset])
 

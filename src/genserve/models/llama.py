@@ -1,20 +1,27 @@
 """The Llama family: Llama 2/3 (Touvron et al., 2023), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm),
 SmolLM. One decoder: RMSNorm, rotary, grouped-query attention, SwiGLU, optional tied embeddings.
 
-The model is textbook: `forward(input_ids, positions)`; batch layout comes from the forward
-context read by `PagedAttention`.
+The model is textbook and the one definition of the forward for every dtype and CPU:
+`forward(input_ids, positions)`; batch layout comes from the forward context read by
+`PagedAttention`; each layer runs its kernel set's kernels (`bind_kernels`). It declares the
+native whole-step decode paths of `layers/fused_decode.py` (`decode_fast_path`).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 from torch import nn
 
 from genserve.config import ModelConfig
-from genserve.engine.forward_context import get_forward_context
+from genserve.engine.forward_context import ForwardContext, get_forward_context
 from genserve.layers.attention import PagedAttention
-from genserve.layers.basic import RMSNorm, RotaryEmbedding, silu_and_mul
-from genserve.layers.packed_linear import PACKED_MAX_ROWS, Linear, PackedWeight
+from genserve.layers.basic import RMSNorm, RotaryEmbedding
+from genserve.layers.fused_decode import FusedDecode
+from genserve.layers.kernels import bind_layer_kernels, logits_bf16
+from genserve.layers.packed_linear import Linear, PackedWeight
+from genserve.models.base import StepFn
 
 
 class LlamaAttention(nn.Module):
@@ -36,18 +43,9 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden]
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos_sin)
-        k = RotaryEmbedding.apply(k, cos_sin)
-        return self.o_proj(self.attn(q, k, v))
+        # x: [T, hidden] -> [T, hidden]
+        q_norm, k_norm = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        return self.o_proj(self.attn(self.qkv_proj(x), cos_sin, q_norm, k_norm))
 
 
 class LlamaMLP(nn.Module):
@@ -57,7 +55,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.glu(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -68,9 +66,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings where residual is None), residual:
+        the stream before it -> (this layer's output, the stream before it), [T, hidden]."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -130,33 +136,52 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         cos_sin = self._cos_sin(positions)
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x = layer(x, cos_sin)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos_sin)
+        return self.model.norm(x, residual)[0]
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
 
     # prepacked output projection (fp32 logits), set by packed_linear.pack_linear_weights
     packed_lm_head: PackedWeight | None = None
+    _lib: ctypes.CDLL | None = None
+    _fused: FusedDecode | None = None
+
+    def bind_kernels(self, kernel_set: str, pack_budget: int = 0) -> int:
+        """Every layer takes `kernel_set`'s kernels; returns the bytes of weights packed."""
+        self._lib, packed = bind_layer_kernels(self, kernel_set, pack_budget)
+        bf16 = self.model.embed_tokens.weight.dtype == torch.bfloat16
+        fast = bf16 and self._lib is not None and self.config.head_dim <= 256
+        self._fused = (
+            FusedDecode(self, self._lib) if fast and self.rotary.kind != "dynamic" else None
+        )
+        return packed
+
+    def decode_fast_path(self, path: str, ctx: ForwardContext) -> StepFn | None:
+        """`stack` or `layer` (`layers/fused_decode.py`) for a pure-decode step, where bound."""
+        return None if self._fused is None else self._fused.step_fn(path, ctx)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def packed_head(self, rows: int) -> PackedWeight | None:
-        """The packed output projection where it serves `rows` rows, else None."""
-        return self.packed_lm_head if rows <= PACKED_MAX_ROWS else None
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        head = self.packed_head(hidden.shape[0])
-        if head is not None:
-            return head(hidden, out_f32=True)
+        """[N, hidden] -> [N, vocab] float32, by the same kernel at any N."""
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden, out_f32=True)
+        if self._lib is not None and hidden.dtype == torch.bfloat16:
+            return logits_bf16(self._lib, hidden, self.lm_head_weight())
         return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
 
+    def greedy(
+        self, hidden: torch.Tensor, vocab: int, logprobs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Each row's argmax over the first `vocab` logits (and its log_softmax), straight from
+        the AMX-packed output projection: no [N, vocab] logits; None where it has none."""
+        head = self.packed_lm_head
+        return None if head is None else head.argmax(hidden, vocab, logprobs)
 
-# HF architecture name -> model class. Mistral, Qwen2, Qwen3 and SmolLM share the Llama decoder.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-}
+
+# architecture quirks (Mistral, Qwen2 qkv bias, Qwen3 q/k norm) are ModelConfig fields that the
+# layers above read; the registry (`models/registry.py`) maps each HF name to this class

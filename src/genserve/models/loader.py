@@ -15,7 +15,9 @@ from safetensors import safe_open
 from torch import nn
 
 from genserve.config import ModelConfig
-from genserve.models.llama import ARCHITECTURES
+from genserve.kernels.cpu import kernel_set
+from genserve.kernels.library import native_library
+from genserve.models.registry import model_class, supported_architectures
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,16 @@ class ModelLoadError(ValueError):
 
 
 def default_dtype() -> torch.dtype:
-    """bfloat16 where the CPU has native bf16 math (AMX or AVX512-BF16), else float32."""
+    """bfloat16 wherever genserve's native kernels run on this CPU (every x86-64-v3 CPU: AVX2
+    and FMA widen bf16 in registers; AVX512-BF16 and AMX compute in it), else float32 (PyTorch's
+    own bf16 matmuls on such CPUs are slower than its float32 ones)."""
     if torch.cuda.is_available():
         return torch.bfloat16
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+        name = kernel_set().name
+    except ValueError as e:  # GENSERVE_KERNELS names a set this CPU cannot run
+        raise ModelLoadError(str(e)) from e
+    return torch.bfloat16 if native_library(name) is not None else torch.float32
 
 
 def parse_dtype(name: str | None) -> torch.dtype:
@@ -91,10 +95,10 @@ def load_config(model_dir: Path) -> ModelConfig:
         cfg = ModelConfig.from_hf(raw)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"invalid config.json in {model_dir}: {e}") from e
-    if cfg.architecture not in ARCHITECTURES:
+    if model_class(cfg.architecture) is None:
         raise ModelLoadError(
             f"unsupported architecture {cfg.architecture or '(none)'!r}; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"supported: {', '.join(supported_architectures())}"
         )
     return cfg
 
@@ -114,7 +118,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
     """Build the model on `meta` and fill every parameter from the checkpoint."""
     cfg = cfg or load_config(model_dir)
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.architecture](cfg)
+        model = model_class(cfg.architecture)(cfg)
     params = dict(model.named_parameters())
     for name, p in params.items():
         setattr(
