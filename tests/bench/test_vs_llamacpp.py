@@ -25,6 +25,11 @@ def test_variants_are_checked_against_the_cpu() -> None:
         llamacpp.parse_variants("sse", SPR)
 
 
+def test_default_variant_avoids_the_amx_crash() -> None:
+    assert llamacpp.default_isa(SPR | {"amx_int8"}) == "avx512"
+    assert llamacpp.default_isa(EPYC_ZEN2) == "native"
+
+
 def test_variant_flags() -> None:
     native, avx2, avx512 = (llamacpp.cmake_flags(v) for v in ("native", "avx2", "avx512"))
     assert "-DGGML_NATIVE=ON" in native and "-DGGML_AVX512=ON" not in native

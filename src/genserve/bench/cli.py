@@ -72,8 +72,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--llamacpp-isa",
         choices=LLAMACPP_ISAS,
-        default="native",
-        help="llama.cpp build variant for the llama.cpp peers (default: built for this CPU)",
+        default=None,
+        help="llama.cpp build variant for the llama.cpp peers (default: native; avx512 on AMX "
+        "CPUs, where the native build crashes on quantized weights)",
     )
     p.add_argument(
         "--cache-dir", default=None, help="llama.cpp build + GGUFs (default <genserve cache>/bench)"

@@ -17,6 +17,7 @@ from genserve.bench.machine import cpu_line
 from genserve.bench.orchestrate import BenchConfig, bench_server, bench_url
 from genserve.bench.prompts import PromptBuilder, jsonl_specs, sharegpt_lengths, synthetic_specs
 from genserve.bench.workloads import WORKLOADS, Scale, custom_plan
+from genserve.kernels.cpu import cpu_flags
 
 logger = logging.getLogger("genserve.bench")
 
@@ -95,11 +96,12 @@ def _execute(args: argparse.Namespace, cfg: BenchConfig) -> tuple[list[dict], di
         return bench_url("server", target, cfg), {"server": f"{args.url} ({args.api})"}
     if args.compare:
         cache = llamacpp.bench_cache(Path(args.cache_dir) if args.cache_dir else None)
+        isa = args.llamacpp_isa or llamacpp.default_isa(cpu_flags())
         if args.build_peers:
-            llamacpp.build_llama_server(cache, args.llamacpp_isa)
+            llamacpp.build_llama_server(cache, isa)
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         threads = args.threads or peers.DEFAULT_THREADS
-        specs = peers.peer_specs(names, cache, threads, args.llamacpp_isa)
+        specs = peers.peer_specs(names, cache, threads, isa)
     else:  # --launch or --quick
         dtype = args.dtype or ("float32" if args.quick else "bfloat16")
         specs = [peers.genserve_spec(dtype, args.model_id, args.threads)]
