@@ -28,7 +28,7 @@ from pathlib import Path
 
 from genserve.bench import llamabench, llamacpp
 from genserve.bench.machine import cpu_info, cpu_line, default_kernel_sets
-from genserve.bench.sidebyside import numbers_table, ratio_table
+from genserve.bench.sidebyside import best_of, numbers_table, ratio_table
 from genserve.kernels.cpu import cpu_flags, supported_sets
 
 MODEL_STEP = Path(__file__).with_name("model_step.py")
@@ -74,6 +74,16 @@ def llama_rows(args: argparse.Namespace, variants: list[str], ggufs: dict[str, P
     return rows
 
 
+def one_round(args: argparse.Namespace, variants: list[str], ggufs: dict[str, Path]) -> list:
+    rows = []
+    for kernels in args.kernels.split(","):
+        rows += model_step_rows(args, ["--kernels", kernels, "--engines", "genserve",
+                                       "--dtypes", args.dtypes])  # fmt: skip
+    if not args.skip_transformers:
+        rows += model_step_rows(args, ["--engines", "transformers", "--dtypes", "float32,bfloat16"])
+    return rows + llama_rows(args, variants, ggufs)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,6 +99,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=48, help="decode steps genserve times")
     p.add_argument("--reps", type=int, default=5, help="llama-bench repetitions")
+    p.add_argument("--rounds", type=int, default=1, help="run everything N times, keep the best")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default=None, help="write vs_llamacpp.md and .json here")
     p.add_argument("--cache-dir", default=None)
@@ -111,13 +122,8 @@ def main() -> int:
         return 0
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows = []
-    for kernels in args.kernels.split(","):
-        rows += model_step_rows(args, ["--kernels", kernels, "--engines", "genserve",
-                                       "--dtypes", args.dtypes])  # fmt: skip
-    if not args.skip_transformers:
-        rows += model_step_rows(args, ["--engines", "transformers", "--dtypes", "float32,bfloat16"])
-    rows += llama_rows(args, variants, ggufs)
+    rounds = [one_round(args, variants, ggufs) for _ in range(args.rounds)]
+    rows = best_of(rounds)
 
     builds = sorted({r["build"] for r in rows if r.get("build")})
     head = [
@@ -126,7 +132,8 @@ def main() -> int:
         f"llama.cpp: {llamacpp.version_text(args.cache)}, llama-bench build "
         + (", ".join(builds) or "?"),
         "genserve: decode at a 64-token context and a 512-token prefill through the model "
-        "runner (median); llama.cpp: llama-bench tg128 and pp512 (median of repetitions)",
+        "runner (median); llama.cpp: llama-bench tg128 and pp512 (median of repetitions); "
+        f"each the best of {args.rounds} round(s)",
     ]
     text = "\n".join(f"- {h}" for h in head)
     text += "\n\n" + numbers_table(rows) + "\n\n" + ratio_table(rows) + "\n"
@@ -137,7 +144,7 @@ def main() -> int:
         (out / "vs_llamacpp.md").write_text(text)
         doc = {"machine": cpu_info(), "threads": args.threads, "started": started,
                "llama_cpp": llamacpp.version_text(args.cache), "args": vars(args) | {"cache": None},
-               "rows": rows}  # fmt: skip
+               "rows": rows, "rounds": rounds}  # fmt: skip
         (out / "vs_llamacpp.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return 0
 

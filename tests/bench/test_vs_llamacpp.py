@@ -10,7 +10,7 @@ import pytest
 
 from genserve.bench import llamabench, llamacpp, machine
 from genserve.bench.report import machine_info
-from genserve.bench.sidebyside import numbers_table, ratio_table
+from genserve.bench.sidebyside import best_of, numbers_table, ratio_table
 
 SPR = frozenset("avx2 fma f16c bmi2 avx512f avx512_vbmi avx512_vnni avx512_bf16 amx_tile".split())
 EPYC_ZEN2 = frozenset("avx2 fma f16c bmi2 sse4_2".split())
@@ -115,7 +115,7 @@ def test_kernel_set_environment() -> None:
 def test_side_by_side_tables() -> None:
     rows = [
         dict(engine="genserve", variant="amx", weights="bfloat16", decode_tok_s=90.0,
-             prefill_tok_s=3000.0, note=""),
+             prefill_tok_s=3000.0, note="", load_1m=1.234),
         dict(engine="transformers", variant="PyTorch", weights="float32", decode_tok_s=30.0,
              prefill_tok_s=1500.0),
         dict(engine="llama.cpp", variant="native", weights="BF16 GGUF", decode_tok_s=60.0,
@@ -124,8 +124,8 @@ def test_side_by_side_tables() -> None:
     ]  # fmt: skip
     numbers = numbers_table(rows).splitlines()
     assert numbers[0].startswith("| engine | kernels / build | weights | decode tok/s")
-    assert "| genserve | amx | bfloat16 | 90.0 | 3000 |  |" in numbers
-    assert "| llama.cpp | native | Q4_1 GGUF | - | - | crashed (SIGSEGV) |" in numbers
+    assert "| genserve | amx | bfloat16 | 90.0 | 3000 | 1.2 |  |" in numbers
+    assert "| llama.cpp | native | Q4_1 GGUF | - | - | - | crashed (SIGSEGV) |" in numbers
     ratios = ratio_table(rows).splitlines()
     assert ratios[0] == (
         "| genserve / (decode / prefill) | transformers PyTorch float32 | "
@@ -133,3 +133,26 @@ def test_side_by_side_tables() -> None:
     )
     assert ratios[2] == "| genserve amx bfloat16 | 3.00x / 2.00x | 1.50x / 3.00x |"
     assert ratio_table(rows[:1]) == ""
+
+
+def test_best_of_rounds() -> None:
+    a = [
+        dict(
+            engine="genserve",
+            variant="amx",
+            weights="bf16",
+            decode_tok_s=80.0,
+            prefill_tok_s=900.0,
+            load_1m=3.0,
+        ),
+        dict(engine="llama.cpp", variant="native", weights="Q4_1 GGUF", error="crashed"),
+    ]
+    b = [dict(engine="genserve", variant="amx", weights="bf16", decode_tok_s=90.0,
+              prefill_tok_s=800.0, load_1m=1.0),
+         dict(engine="llama.cpp", variant="native", weights="Q4_1 GGUF", error="crashed")]  # fmt: skip
+    ours, crashed = best_of([a, b])
+    assert (ours["decode_tok_s"], ours["prefill_tok_s"], ours["rounds"]) == (90.0, 900.0, 2)
+    assert crashed["error"] == "crashed" and crashed["rounds"] == 0
+    assert (
+        best_of([b[1:], a[:1] + [dict(b[1], error=None, decode_tok_s=5.0)]])[0].get("error") is None
+    )
