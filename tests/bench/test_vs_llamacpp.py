@@ -12,7 +12,7 @@ from genserve.bench import llamabench, llamacpp, machine
 from genserve.bench.report import machine_info
 from genserve.bench.sidebyside import best_of, numbers_table, ratio_table
 
-SPR = frozenset("avx2 fma f16c bmi2 avx512f avx512_vbmi avx512_vnni avx512_bf16 amx_tile".split())
+SPR = frozenset("avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 amx_tile".split())
 EPYC_ZEN2 = frozenset("avx2 fma f16c bmi2 sse4_2".split())
 
 

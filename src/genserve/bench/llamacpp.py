@@ -57,7 +57,7 @@ VARIANT_FLAGS: dict[str, list[str]] = {
 # the /proc/cpuinfo flags each variant's binaries need
 VARIANT_NEEDS: dict[str, tuple[str, ...]] = {
     "native": (),
-    "avx512": ("avx512f", "avx512_vbmi", "avx512_vnni", "avx512_bf16"),
+    "avx512": ("avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16"),
     "avx2": ("avx2", "fma", "f16c", "bmi2"),
 }
 TARGETS = ("llama-server", "llama-bench")

@@ -20,8 +20,8 @@ from genserve.kernels.cpu import cpu_flags, cpu_model, kernel_set
 
 # the /proc/cpuinfo flags that pick a kernel path, in genserve or in llama.cpp (ggml)
 RELEVANT_FLAGS = (
-    "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+    "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512vbmi",
+    "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
 )  # fmt: skip
 
 # What PyTorch may use under each kernel set: ATen's own vector code and oneDNN's.
