@@ -5,22 +5,27 @@ SmolLM2-135M-Instruct (built-in default), bfloat16; N concurrent requests of 128
 128 new tokens each (EOS ignored), N in 1, 8, 32, 64. Prints output tokens/s for both and the ratio.
 
     python bench/engine_throughput.py [--batch-sizes 1,8,32,64] [--dtype bfloat16] [--skip-transformers]
-                                      [--repeats 3] [--sample]
+                                      [--repeats 3] [--sample] [--kernels avx2-fma] [--json out.json]
 
 With --repeats N each engine runs every batch size N times (fresh prompts each time) and the
 best run counts: on a shared machine neighbours only ever slow a run down. Decoding is greedy;
 --sample samples instead (temperature 0.7, top_p 0.9, a seed per request) on both sides.
+--kernels runs genserve on that kernel set (GENSERVE_KERNELS; see genserve/bench/machine.py). The
+CPU model, its flags and the kernel set are printed above the numbers and saved with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
 from genserve import hugepages
+from genserve.bench.machine import cpu_info, cpu_line, reexec_with_kernels
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.request import Request
 from genserve.models.loader import resolve_model_dir
@@ -72,7 +77,10 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs per point")
     ap.add_argument("--sample", action="store_true", help="sample (temperature, top_p) on both")
+    ap.add_argument("--kernels", default=None, help="genserve kernel set (GENSERVE_KERNELS)")
+    ap.add_argument("--json", default=None, help="write the rows and the machine here")
     args = ap.parse_args()
+    reexec_with_kernels(args.kernels)  # before any kernel loads (PyTorch's ISA limit too)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     engine = LLMEngine.from_model(args.model_id, dtype=args.dtype)
     # steady state, as a server that has been up for a few seconds: the KV cache's memory is
@@ -87,10 +95,15 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             resolve_model_dir(args.model_id), dtype=getattr(torch, args.dtype)
         ).eval()
+    machine = cpu_info()
+    print(cpu_line(machine))
+    kernels = machine["genserve_kernels"].split(" ")[0]
     mode = f"sampled (temperature {TEMPERATURE}, top_p {TOP_P})" if args.sample else "greedy"
     print(f"{PROMPT} prompt / {NEW} new tokens per request, {args.dtype}, {mode}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'concurrent':>10} {'genserve tok/s':>15} {'transformers tok/s':>19} {'ratio':>7}")
+    print(f"{'concurrent':>10} {'kernels':>9} {'genserve tok/s':>15} {'transformers tok/s':>19} "
+          f"{'ratio':>7}")  # fmt: skip
+    rows = []
     for n in sizes:
         ours = theirs = float("nan")
         for r in range(args.repeats):
@@ -100,7 +113,13 @@ def main() -> None:
             if hf is not None:
                 t = transformers_tps(hf, batch, args.sample)
                 theirs = max(t, theirs) if r else t
-        print(f"{n:>10} {ours:>15.1f} {theirs:>19.1f} {ours / theirs:>6.2f}x")
+        print(f"{n:>10} {kernels:>9} {ours:>15.1f} {theirs:>19.1f} {ours / theirs:>6.2f}x")
+        rows.append(dict(concurrent=n, kernels=kernels, genserve_tok_s=ours,
+                         transformers_tok_s=None if hf is None else theirs))  # fmt: skip
+    if args.json:
+        doc = {"machine": machine, "dtype": args.dtype, "mode": mode, "prompt": PROMPT,
+               "new": NEW, "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

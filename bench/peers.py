@@ -2,10 +2,12 @@
 
     python bench/peers.py                       # build what is missing, then run everything
     python bench/peers.py --build-only          # just llama-server + the F16 GGUF (~15 min)
+    python bench/peers.py --llamacpp-isa avx2   # llama.cpp for AVX2 only (default: this CPU's)
     python bench/peers.py --peers genserve-bf16,llama.cpp-q4_1 --workloads single,sweep
 
-Builds llama.cpp's `llama-server` from the `llama-cpp-python==0.3.36` sdist once (nice -n 19,
--j2) and converts the F16 GGUF, then runs `genserve bench --compare` over every peer and writes
+Builds llama.cpp's `llama-server` from the `llama-cpp-python==0.3.36` sdist once per variant
+(nice -n 19, -j2; for this CPU, without AMX on AMX CPUs, unless --llamacpp-isa says otherwise)
+and converts the F16 GGUF, then runs `genserve bench --compare` over every peer and writes
 `<out>/compare.json`, `<out>/compare.png`, `<out>/compare.md` (the tables) and the server logs.
 Heavy: about 45 minutes on 2 cores; run it on an otherwise idle machine.
 """
@@ -19,7 +21,8 @@ import sys
 from pathlib import Path
 
 from genserve.bench import cli, llamacpp
-from genserve.bench.choices import PEERS
+from genserve.bench.choices import LLAMACPP_ISAS, PEERS
+from genserve.kernels.cpu import cpu_flags
 from genserve.models.default_model import default_model_dir
 
 DEFAULT_WORKLOADS = "single,sweep,shared-prefix,cold-start,overload"
@@ -47,10 +50,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every server")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--build-only", action="store_true")
+    p.add_argument(
+        "--llamacpp-isa", choices=LLAMACPP_ISAS, default=llamacpp.default_isa(cpu_flags())
+    )
     args = p.parse_args()
 
     cache = llamacpp.bench_cache(Path(args.cache_dir) if args.cache_dir else None)
-    binary = llamacpp.build_llama_server(cache)
+    binary = llamacpp.build_llama_server(cache, args.llamacpp_isa)
     gguf = llamacpp.f16_gguf(cache, default_model_dir())
     print(f"llama-server: {binary}\nF16 GGUF: {gguf}\nQ4_1 GGUF: {llamacpp.q4_1_gguf()}")
     if args.build_only:
@@ -59,6 +65,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = ["--compare", args.peers, "--workload", args.workloads, "--cache-dir", str(cache)]
+    argv += ["--llamacpp-isa", args.llamacpp_isa]
     argv += ["--duration", str(args.duration), "--threads", str(args.threads)]
     argv += ["--json", str(out / "compare.json")]
     argv += ["--plot", str(out / "compare.png"), "--log-dir", str(out / "logs")]

@@ -14,3 +14,6 @@ PEERS = (
     "transformers",
     "transformers-cb",
 )
+# llama.cpp build variants (genserve/bench/llamacpp.py): this CPU's native build, AVX-512
+# without AMX, and AVX2 only (to set beside genserve's avx2-fma kernels)
+LLAMACPP_ISAS = ("native", "avx512", "avx2")

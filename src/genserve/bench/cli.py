@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from genserve.bench.choices import APIS, FIXED_LENGTH_MODES, PEERS, WORKLOADS
+from genserve.bench.choices import APIS, FIXED_LENGTH_MODES, LLAMACPP_ISAS, PEERS, WORKLOADS
 
 # Everything else (aiohttp, numpy, the peers) is imported in `run`, so that building the
 # `genserve` parser for `launch` never needs the bench extra.
@@ -68,6 +68,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--build-peers", action="store_true", help="build llama-server if missing (~15 min)"
+    )
+    p.add_argument(
+        "--llamacpp-isa",
+        choices=LLAMACPP_ISAS,
+        default=None,
+        help="llama.cpp build variant for the llama.cpp peers (default: native; avx512 on AMX "
+        "CPUs, where the native build crashes on quantized weights)",
     )
     p.add_argument(
         "--cache-dir", default=None, help="llama.cpp build + GGUFs (default <genserve cache>/bench)"

@@ -13,9 +13,11 @@ from typing import Any
 
 from genserve.bench import llamacpp, peers, report
 from genserve.bench.client import Target
+from genserve.bench.machine import cpu_line
 from genserve.bench.orchestrate import BenchConfig, bench_server, bench_url
 from genserve.bench.prompts import PromptBuilder, jsonl_specs, sharegpt_lengths, synthetic_specs
 from genserve.bench.workloads import WORKLOADS, Scale, custom_plan
+from genserve.kernels.cpu import cpu_flags
 
 logger = logging.getLogger("genserve.bench")
 
@@ -45,6 +47,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     rows, servers = _execute(args, cfg)
     names = list(servers)
+    print(cpu_line())  # the machine and genserve's kernel set beside the numbers
     print(report.run_table(rows))
     if args.compare or len(names) > 1:
         print()
@@ -69,6 +72,8 @@ def run_command(args: argparse.Namespace) -> int:
 def _from_json(args: argparse.Namespace) -> int:
     doc = json.loads(Path(args.from_json).read_text())
     rows, names = doc["rows"], list(doc["servers"])
+    if "cpu_model" in doc["meta"]:  # files written before the CPU was recorded lack it
+        print(cpu_line(doc["meta"]))
     print(report.run_table(rows))
     if len(names) > 1:
         print()
@@ -91,10 +96,12 @@ def _execute(args: argparse.Namespace, cfg: BenchConfig) -> tuple[list[dict], di
         return bench_url("server", target, cfg), {"server": f"{args.url} ({args.api})"}
     if args.compare:
         cache = llamacpp.bench_cache(Path(args.cache_dir) if args.cache_dir else None)
+        isa = args.llamacpp_isa or llamacpp.default_isa(cpu_flags())
         if args.build_peers:
-            llamacpp.build_llama_server(cache)
+            llamacpp.build_llama_server(cache, isa)
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
-        specs = peers.peer_specs(names, cache, args.threads or peers.DEFAULT_THREADS)
+        threads = args.threads or peers.DEFAULT_THREADS
+        specs = peers.peer_specs(names, cache, threads, isa)
     else:  # --launch or --quick
         dtype = args.dtype or ("float32" if args.quick else "bfloat16")
         specs = [peers.genserve_spec(dtype, args.model_id, args.threads)]

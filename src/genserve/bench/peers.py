@@ -19,6 +19,7 @@ from pathlib import Path
 
 from genserve.bench import llamacpp
 from genserve.bench.choices import PEERS
+from genserve.bench.machine import kernel_set_text
 from genserve.bench.servers import ServerSpec
 
 LLAMA_PARALLEL = 64
@@ -40,7 +41,8 @@ def genserve_spec(
 
     return ServerSpec(
         name=f"genserve-{short}",
-        description=f"genserve launch --dtype {dtype} (TGI /generate_stream, max_new_tokens only)",
+        description=f"genserve launch --dtype {dtype} (TGI /generate_stream, max_new_tokens only;"
+        f" kernels {kernel_set_text()})",
         api="tgi",
         fixed_length="none",
         argv=argv,
@@ -64,7 +66,8 @@ def llama_cpp_spec(
     kind = gguf.name if gguf else "?"
     return ServerSpec(
         name=name,
-        description=f"llama-server --parallel {LLAMA_PARALLEL} -t {threads} on {kind} "
+        description=f"llama-server ({binary.parent.parent.name}) --parallel {LLAMA_PARALLEL} "
+        f"-t {threads} on {kind} "
         "(OpenAI /v1/completions, ignore_eos)",
         api="openai-completions",
         fixed_length="ignore_eos",
@@ -96,13 +99,16 @@ def transformers_spec(
     )
 
 
-def peer_specs(names: list[str], cache: Path, threads: int = DEFAULT_THREADS) -> list[ServerSpec]:
-    """ServerSpecs for `names`; a peer that cannot run here carries the reason."""
+def peer_specs(
+    names: list[str], cache: Path, threads: int = DEFAULT_THREADS, isa: str = "native"
+) -> list[ServerSpec]:
+    """ServerSpecs for `names` (llama.cpp built as variant `isa`); a peer that cannot run here
+    carries the reason."""
     from genserve.models.default_model import default_model_dir
 
     hf_dir = default_model_dir()
-    binary = llamacpp.llama_server_path(cache)
-    no_build = None if binary.exists() else "llama-server not built (use --build-peers)"
+    binary = llamacpp.llama_server_path(cache, isa)
+    no_build = None if binary.exists() else f"llama-server ({isa}) not built (use --build-peers)"
     specs = []
     for name in names:
         if name == "genserve-bf16":

@@ -210,7 +210,10 @@ def write_json(path: str | Path, rows: list[Row], servers: dict[str, str], meta:
 
 
 def machine_info() -> dict[str, Any]:
+    from genserve.bench.machine import cpu_info
+
     return {
+        **cpu_info(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host_cpus": os.cpu_count(),
         "platform": platform.platform(),
