@@ -96,17 +96,10 @@ def test_cpu_line_and_flags() -> None:
 
 
 def test_kernel_set_environment() -> None:
-    assert machine.honoured("amx", amx_loaded=True, avx512_loaded=True)
-    assert not machine.honoured("avx2-fma", amx_loaded=False, avx512_loaded=True)
-    assert not machine.honoured("avx512-bf16", amx_loaded=True, avx512_loaded=True)
-    assert machine.honoured("avx512-bf16", amx_loaded=False, avx512_loaded=True)
-    env = machine.kernels_env("avx2-fma", is_honoured=True)
+    env = machine.kernels_env("avx2-fma")
     assert env == {"GENSERVE_KERNELS": "avx2-fma", "ATEN_CPU_CAPABILITY": "avx2",
                    "ONEDNN_MAX_CPU_ISA": "AVX2"}  # fmt: skip
-    assert machine.kernels_env("amx", is_honoured=False) == {
-        "GENSERVE_KERNELS": "amx",
-        "GENSERVE_NATIVE_KERNELS": "0",
-    }
+    assert machine.kernels_env("amx") == {"GENSERVE_KERNELS": "amx"}
     assert machine.default_kernel_sets(["amx", "avx512-bf16", "avx2-fma"]) == ["amx", "avx2-fma"]
     assert machine.default_kernel_sets(["avx2-fma"]) == ["avx2-fma"]
     assert machine.default_kernel_sets([]) == ["torch"]

@@ -3,15 +3,12 @@
 
 `--kernels SET` (bench/model_step.py, bench/engine_throughput.py) goes through `kernels_env`:
 besides `GENSERVE_KERNELS` it limits PyTorch itself to AVX2 for `avx2-fma`, so whatever still runs
-as PyTorch ops measures an AVX2 CPU rather than this one's AVX-512/AMX paths. A genserve whose
-kernel loaders do not yet read `GENSERVE_KERNELS` would run its AVX-512 kernels anyway; then the
-bench turns the native kernels off (`GENSERVE_NATIVE_KERNELS=0`) and says so.
+as PyTorch ops measures an AVX2 CPU rather than this one's AVX-512/AMX paths.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,10 +23,6 @@ RELEVANT_FLAGS = (
 
 # What PyTorch may use under each kernel set: ATen's own vector code and oneDNN's.
 TORCH_ISA = {"avx2-fma": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
-
-# a set that must not load genserve's AMX / AVX-512 libraries
-_NO_AMX = ("avx512-bf16", "avx2-fma", "torch")
-_NO_AVX512 = ("avx2-fma", "torch")
 
 
 def relevant_flags(flags: Iterable[str]) -> list[str]:
@@ -71,37 +64,9 @@ def cpu_line(info: Mapping[str, Any] | None = None) -> str:
     return line
 
 
-def honoured(name: str, amx_loaded: bool, avx512_loaded: bool) -> bool:
-    """Whether genserve kept to the kernel set `name`, given which native libraries it loaded."""
-    return not ((name in _NO_AMX and amx_loaded) or (name in _NO_AVX512 and avx512_loaded))
-
-
-_PROBE = """
-import os, sys
-try:
-    from genserve.kernels import load_amx_linear, load_decode_bf16
-except ImportError:  # the loaders were reorganised: they read GENSERVE_KERNELS themselves
-    print("0 0"); sys.exit()
-print(int(load_amx_linear() is not None), int(load_decode_bf16() is not None))
-"""
-
-
-def kernels_honoured(name: str) -> bool:
-    """Asks a fresh interpreter with GENSERVE_KERNELS=`name` which native libraries load."""
-    env = {**os.environ, "GENSERVE_KERNELS": name}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"kernel probe failed: {out.stderr.strip()[-500:]}")
-    amx, avx512 = (bool(int(w)) for w in out.stdout.split()[-2:])
-    return honoured(name, amx, avx512)
-
-
-def kernels_env(name: str, is_honoured: bool) -> dict[str, str]:
+def kernels_env(name: str) -> dict[str, str]:
     """The environment that runs genserve on kernel set `name` (see the module docstring)."""
-    env = {"GENSERVE_KERNELS": name, **TORCH_ISA.get(name, {})}
-    if not is_honoured:
-        env["GENSERVE_NATIVE_KERNELS"] = "0"
-    return env
+    return {"GENSERVE_KERNELS": name, **TORCH_ISA.get(name, {})}
 
 
 def reexec_with_kernels(name: str | None) -> None:
@@ -109,10 +74,7 @@ def reexec_with_kernels(name: str | None) -> None:
     its ISA limits when it is imported, before any argument is parsed."""
     if not name or os.environ.get("GENSERVE_KERNELS") == name:
         return
-    env = kernels_env(name, kernels_honoured(name))
-    if env.get("GENSERVE_NATIVE_KERNELS") == "0":
-        print(f"GENSERVE_KERNELS={name} is not honoured by this genserve's kernel loaders: "
-              "native kernels off, PyTorch ops only", file=sys.stderr)  # fmt: skip
+    env = kernels_env(name)
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 
