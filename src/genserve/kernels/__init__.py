@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached.
 
 The C sources are one per concept (gemm.c, small_ops.c, attention_decode.c,
-attention_prefill.c, decoder_layer.c, sampling.c); each kernel set of `cpu.py` builds them all
+attention_prefill.c, decoder_layer.c, sampling.c, panel_linear.c); each kernel set of `cpu.py` builds them all
 into one library with its own compiler flags, the sources picking their variant by the
 predefined ISA macros (`__AVX512BF16__`, else AVX2 + FMA; `GENSERVE_AMX` for the AMX paths).
 
@@ -37,7 +37,7 @@ SET_FLAGS: dict[str, tuple[str, ...]] = {
     "amx": (*AVX512_BF16, *AMX, "-DGENSERVE_AMX"),
 }
 KERNEL_SOURCES = ("gemm.c", "small_ops.c", "attention_decode.c", "attention_prefill.c",
-                  "decoder_layer.c", "sampling.c")  # fmt: skip
+                  "decoder_layer.c", "sampling.c", "panel_linear.c")  # fmt: skip
 
 
 def cache_root() -> Path:
@@ -121,6 +121,10 @@ KERNEL_SIGNATURES: Signatures = {
     "genserve_top_k_mask_f32": ([PTR, I64, INT, I64, PTR], INT),
     "genserve_logsumexp_f32": ([PTR, I64, INT, I64, PTR], None),
     "genserve_prefill_attention_bf16": PREFILL_ARGS,
+    "genserve_panel_packed_size": ([INT, INT], I64),
+    "genserve_panel_pack_bf16": ([PTR, PTR, INT, INT], None),
+    "genserve_panel_linear_bf16": ([PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT], INT),
+    "genserve_panel_glu_bf16": ([PTR, INT, PTR, PTR, INT, INT, INT, INT], INT),
 }  # fmt: skip
 # The amx set's extras (callers test with hasattr); genserve_decode_stack_bf16 takes struct
 # pointers too.

@@ -1,0 +1,386 @@
+/* bf16 linear layers on panel-packed weights, for every kernel set (the CPUs without AMX run
+ * every linear of every step here; the amx set builds it too, on its AVX-512 path).
+ *
+ * Layout: the weight W [N, K] is repacked once at load into panels of 16 output columns,
+ * K-major, pairs of k interleaved: P [ceil(N/16)][ceil(K/2)][16][2] bf16, element
+ * (n, k) at ((n/16 * ceil(K/2) + k/2) * 16 + n%16) * 2 + k%2, zero past N and K. (For
+ * N % 16 == 0 and K % 32 == 0 this is exactly amx_linear.c's tile layout.) One 64-byte line
+ * holds 16 columns at k and k + 1: AVX-512-BF16 feeds it to vdpbf16ps as it is; AVX2 widens
+ * the even k with a shift and the odd k with a mask (no shuffles).
+ *
+ * One register-blocked micro-kernel (R rows of X broadcast against NP panels) serves every M.
+ * Batch invariance: element (m, n) is one fp32 chain over k from a zero accumulator, in
+ * order, whatever R, NP, the row's place, M or the thread count: AVX2 one FMA per k
+ * (k = 0, 1, 2, ...); AVX-512 one vdpbf16ps per pair (0, 1), (2, 3), ... (the last pair of
+ * an odd K with x = 0 beside it); then + bias, then the one rounding. The blocking only
+ * decides which elements are computed together. Threads split the panels, never K.
+ *
+ * Built with -fopenmp against PyTorch's libgomp (see gemm.c).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+#include "vec_math.h"
+
+#define PW 16 /* columns per panel */
+
+static inline int64_t panel_elems(int K) { return (int64_t)(K + 1) / 2 * 2 * PW; }
+
+/* bf16 elements of P for a [N, K] weight */
+int64_t genserve_panel_packed_size(int N, int K) {
+    return (int64_t)(N + PW - 1) / PW * panel_elems(K);
+}
+
+/* W [N, K] row-major -> P as above (P holds genserve_panel_packed_size(N, K) elements) */
+void genserve_panel_pack_bf16(const bf16 *W, bf16 *P, int N, int K) {
+    const int npan = (N + PW - 1) / PW, kp = (K + 1) / 2;
+#pragma omp parallel for
+    for (int p = 0; p < npan; p++)
+        for (int kk = 0; kk < kp; kk++) {
+            bf16 *o = P + p * panel_elems(K) + (int64_t)kk * 2 * PW;
+            for (int j = 0; j < PW; j++) {
+                const int n = p * PW + j, k = 2 * kk;
+                o[2 * j] = n < N ? W[(int64_t)n * K + k] : 0;
+                o[2 * j + 1] = n < N && k + 1 < K ? W[(int64_t)n * K + k + 1] : 0;
+            }
+        }
+}
+
+/* The first row block of a register block prefetches the next one's panels, a line per line
+ * it reads, so the weight streams at memory bandwidth rather than latency (M = 1 above all) */
+#define PF_HINT _MM_HINT_T0
+#define RMAX 6  /* rows per register block */
+#define NPMAX 8 /* panels per register block (M = 1 streams this many at once) */
+
+#if defined(__AVX512BF16__)
+/* X rows are read in place as bf16 pairs */
+typedef bf16 xelem;
+#define X_CONVERTED 0
+
+/* one pair of k (kk) of R rows against NP panels: x pairs in place, or (last of an odd K)
+ * x[K - 1] with 0 beside it, x[K] never read */
+static inline __attribute__((always_inline)) void dp_pair(__m512 acc[][NPMAX], const bf16 *x,
+                                                          int64_t ldx, const bf16 *const *p,
+                                                          int kk, int last, const int R,
+                                                          const int NP, int64_t pf) {
+    __m512bh w[NPMAX];
+    for (int q = 0; q < NP; q++) w[q] = (__m512bh)_mm512_loadu_si512(p[q] + (int64_t)kk * 2 * PW);
+    if (pf)
+        for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
+    for (int r = 0; r < R; r++) {
+        const bf16 *xr = x + r * ldx + 2 * kk;
+        /* the pair as a float: a broadcast from memory (load port), not from a register (the
+         * port vdpbf16ps needs): +10% at M = 512 */
+        const __m512bh xb = (__m512bh)(last ? _mm512_set1_epi32(xr[0])
+                                            : _mm512_broadcastd_epi32(_mm_loadu_si32(xr)));
+        for (int q = 0; q < NP; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], xb, w[q]);
+    }
+}
+
+/* c[R][NP * 16] = R rows of X (x, row stride ldx) times the panels p[0..NP) */
+static inline __attribute__((always_inline)) void micro(const bf16 *x, int64_t ldx,
+                                                        const bf16 *const *p, int K, float *c,
+                                                        const int R, const int NP, int64_t pf) {
+    __m512 acc[RMAX][NPMAX];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
+    for (int kk = 0; kk < K / 2; kk++) dp_pair(acc, x, ldx, p, kk, 0, R, NP, pf);
+    if (K & 1) dp_pair(acc, x, ldx, p, K / 2, 1, R, NP, pf);
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++) _mm512_storeu_ps(c + (r * NP + q) * PW, acc[r][q]);
+}
+
+#else
+/* X is converted to fp32 once per call (per block of rows), so a broadcast is one load */
+typedef float xelem;
+#define X_CONVERTED 1
+
+static inline __attribute__((always_inline)) void micro(const float *x, int64_t ldx,
+                                                        const bf16 *const *p, int K, float *c,
+                                                        const int R, const int NP, int64_t pf) {
+    __m256 acc[RMAX][NPMAX][2];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++) acc[r][q][0] = acc[r][q][1] = _mm256_setzero_ps();
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    const int kp = (K + 1) / 2;
+    for (int kk = 0; kk < kp; kk++) {
+        __m256 w[NPMAX][2];
+        for (int q = 0; q < NP; q++)
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p[q] + (int64_t)kk * 2 * PW + 16 * h));
+                w[q][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            }
+        if (pf)
+            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk);
+            for (int q = 0; q < NP; q++)
+                for (int h = 0; h < 2; h++) acc[r][q][h] = _mm256_fmadd_ps(xb, w[q][h], acc[r][q][h]);
+        }
+        if (2 * kk + 1 == K) break; /* an odd K's last pair has no odd k */
+        for (int q = 0; q < NP; q++)
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p[q] + (int64_t)kk * 2 * PW + 16 * h));
+                w[q][h] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            }
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
+            for (int q = 0; q < NP; q++)
+                for (int h = 0; h < 2; h++) acc[r][q][h] = _mm256_fmadd_ps(xb, w[q][h], acc[r][q][h]);
+        }
+    }
+    /* the pack puts column j at pair slot j: the first load's dwords are columns 0-7 */
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++)
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + (r * NP + q) * PW + 8 * h, acc[r][q][h]);
+}
+
+/* a panel widened to fp32 [K][16] (exact), for blocks of many rows: the micro-kernel is then
+ * loads and FMAs only, the shift and mask (on the FMA ports) paid once per panel */
+static void widen(const bf16 *p, int K, float *out) {
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    for (int k = 0; k < K; k++)
+        for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (int64_t)(k / 2) * 2 * PW + 16 * h));
+            const __m256i w = k & 1 ? _mm256_and_si256(v, odd) : _mm256_slli_epi32(v, 16);
+            _mm256_storeu_ps(out + (int64_t)k * PW + 8 * h, _mm256_castsi256_ps(w));
+        }
+}
+
+/* micro() on one widened panel: the same FMA per k, so the same bits */
+static inline __attribute__((always_inline)) void micro_wide(const float *x, int64_t ldx,
+                                                             const float *w, int K, float *c,
+                                                             const int R) {
+    __m256 acc[RMAX][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(w + (int64_t)k * PW), w1 = _mm256_loadu_ps(w + (int64_t)k * PW + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + r * PW + 8 * h, acc[r][h]);
+}
+
+static void micro_wide_any(const float *x, int64_t ldx, const float *w, int K, float *c, int R) {
+    switch (R) {
+    case 6: return micro_wide(x, ldx, w, K, c, 6);
+    case 5: return micro_wide(x, ldx, w, K, c, 5);
+    case 4: return micro_wide(x, ldx, w, K, c, 4);
+    case 3: return micro_wide(x, ldx, w, K, c, 3);
+    case 2: return micro_wide(x, ldx, w, K, c, 2);
+    default: return micro_wide(x, ldx, w, K, c, 1);
+    }
+}
+#endif
+
+/* micro() with R, NP constant, for the shapes the drivers use; any other shape panel by panel */
+static void micro_any(const xelem *x, int64_t ldx, const bf16 *const *p, int K, float *c, int R,
+                      int NP, int64_t pf) {
+#define MK(r, np) \
+    if (R == r && NP == np) return micro(x, ldx, p, K, c, r, np, pf);
+#if X_CONVERTED
+    MK(1, 4) MK(2, 3) MK(3, 2) MK(6, 1) MK(5, 1) MK(4, 1) MK(3, 1) MK(2, 1) MK(1, 1)
+    MK(1, 2) MK(2, 2) MK(1, 3)
+#else
+    MK(1, 8) MK(2, 8) MK(6, 4) MK(5, 4) MK(4, 4) MK(3, 4) MK(2, 4) MK(1, 4) MK(6, 2) MK(5, 2)
+    MK(4, 2) MK(3, 2) MK(2, 2) MK(1, 2) MK(6, 1) MK(5, 1) MK(4, 1) MK(3, 1) MK(2, 1) MK(1, 1)
+#endif
+#undef MK
+    float one[RMAX * PW];
+    for (int q = 0; q < NP; q++) {
+        micro_any(x, ldx, p + q, K, one, R, 1, pf);
+        for (int r = 0; r < R; r++) memcpy(c + (r * NP + q) * PW, one + r * PW, PW * sizeof(float));
+    }
+}
+
+/* Register block (R rows x NP panels) and rows per X block, by M: M = 1 keeps NP panels'
+ * streams in flight (memory speed); larger M reuses each loaded W vector over R rows. */
+#if X_CONVERTED
+static void block_shape(int M, int *R, int *NP) {
+    *R = M == 1 ? 1 : M == 2 ? 2 : M == 3 ? 3 : 6;
+    *NP = M == 1 ? 4 : M == 2 ? 3 : M == 3 ? 2 : 1;
+}
+#else
+static void block_shape(int M, int *R, int *NP) {
+    *R = M <= 2 ? M : 6;
+    *NP = M <= 2 ? 8 : 4;
+}
+#endif
+#define MB 192 /* rows of X per block: fp32 [MB, K] (AVX2) stays in L2 while the panels pass */
+
+typedef struct {
+    const bf16 *P;
+    int64_t pe;   /* elements per panel */
+    int npan;     /* panels of the output (GLU: of the gate) */
+    int64_t up;   /* GLU: elements from a gate panel to its up panel, else 0 */
+    const bf16 *bias;
+    void *Y;
+    int ldy, N, mode; /* OUT_F32, OUT_BF16 or GLU */
+} Out;
+enum { GLU = 3 };
+
+static inline void store16(const Out *o, const float *c, const bf16 *bias, int64_t at, int n) {
+    for (int j = 0; j < PW; j += VL) {
+        vfloat v = v_loadu(c + j);
+        if (bias) v = v_add(v, v_load_bf16(bias + n + j));
+        if (o->mode == OUT_F32) v_storeu((float *)o->Y + at + j, v);
+        else v_store_bf16((bf16 *)o->Y + at + j, v);
+    }
+}
+
+/* rows m0.. (R of them) of the output panels q0.. (NP of them) from c [R][NP][16] (GLU: cu,
+ * the up projection's, beside the gate's c) */
+static void epilogue(const Out *o, const float *c, const float *cu, int m0, int R, int q0,
+                     int NP) {
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++) {
+            const int n = (q0 + q) * PW;
+            const float *cr = c + (r * NP + q) * PW;
+            const int64_t at = (int64_t)(m0 + r) * o->ldy + n;
+            if (o->mode == GLU) { /* I % 16 == 0: every panel whole */
+                const float *ur = cu + (r * NP + q) * PW;
+                for (int j = 0; j < PW; j += VL)
+                    v_store_bf16((bf16 *)o->Y + at + j,
+                                 v_mul(v_silu_bf16(v_round_bf16(v_loadu(cr + j))), v_round_bf16(v_loadu(ur + j))));
+            } else if (n + PW <= o->N) {
+                store16(o, cr, o->bias, at, n);
+            } else {
+                for (int j = 0; n + j < o->N; j++) {
+                    const float v = cr[j] + (o->bias ? bf2f(o->bias[n + j]) : 0.0f);
+                    if (o->mode == OUT_F32) ((float *)o->Y)[at + j] = v;
+                    else ((bf16 *)o->Y)[at + j] = f2bf(v);
+                }
+            }
+        }
+}
+
+#if X_CONVERTED
+/* n floats per calling thread (each engine has its own), kept from call to call */
+static float *x_buffer(size_t n) {
+    static __thread void *buf = NULL;
+    static __thread size_t cap = 0;
+    return (float *)grow_buffer(&buf, &cap, n * sizeof(float));
+}
+#endif
+
+/* The output lines of rows m0.. (R of them), panels q0.. (NP of them): fetched for writing
+ * while the micro-kernel runs the row block before them (a 2 MB L2 holds no large Y: without
+ * this each first store waits for its line, -35% at M = 512). */
+static inline void prefetch_out(const Out *o, int m0, int R, int q0, int NP) {
+    const int esz = o->mode == OUT_F32 ? 4 : 2;
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NP; q++)
+            __builtin_prefetch((const char *)o->Y + ((int64_t)(m0 + r) * o->ldy + (q0 + q) * PW) * esz, 1, 3);
+}
+
+/* Rows [r0, ms) of the X block xb against the output panels q0.. (nq of them, a register
+ * block), then the epilogue. wide (AVX2, NULL elsewhere): per-thread room for two widened
+ * panels, used when the block has full-height (R = 6) register rows. */
+static void panel_group(const Out *o, const xelem *xb, int64_t ldxs, int m0, int ms, int K,
+                        int R, int q0, int nq, float *wide) {
+    float c[RMAX * NPMAX * PW], cu[RMAX * NPMAX * PW];
+    const bf16 *p[NPMAX], *pu[NPMAX];
+    for (int i = 0; i < nq; i++) {
+        p[i] = o->P + (q0 + i) * o->pe;
+        pu[i] = p[i] + o->up;
+    }
+#if X_CONVERTED
+    if (R == RMAX && nq == 1) {
+        widen(p[0], K, wide);
+        if (o->up) widen(pu[0], K, wide + (int64_t)K * PW);
+        for (int r0 = 0; r0 < ms; r0 += R) {
+            const int rr = ms - r0 < R ? ms - r0 : R;
+            if (r0 + R < ms) prefetch_out(o, m0 + r0 + R, ms - r0 - R < R ? ms - r0 - R : R, q0, 1);
+            micro_wide_any(xb + r0 * ldxs, ldxs, wide, K, c, rr);
+            if (o->up) micro_wide_any(xb + r0 * ldxs, ldxs, wide + (int64_t)K * PW, K, cu, rr);
+            epilogue(o, c, cu, m0 + r0, rr, q0, 1);
+        }
+        return;
+    }
+#endif
+    (void)wide;
+    for (int r0 = 0; r0 < ms; r0 += R) {
+        const int rr = ms - r0 < R ? ms - r0 : R;
+        if (r0 + R < ms) prefetch_out(o, m0 + r0 + R, ms - r0 - R < R ? ms - r0 - R : R, q0, nq);
+        const int64_t pf = r0 == 0 ? nq * o->pe : 0;
+        micro_any(xb + r0 * ldxs, ldxs, p, K, c, rr, nq, pf);
+        if (o->up) micro_any(xb + r0 * ldxs, ldxs, pu, K, cu, rr, nq, pf);
+        epilogue(o, c, cu, m0 + r0, rr, q0, nq);
+    }
+}
+
+/* Every output panel of `o` for the M rows of X [M, K]: panels split over the threads in
+ * whole register blocks, X in blocks of MB rows. Returns -1 when memory ran out. */
+static int run(const bf16 *X, int ldx, const Out *o, int M, int K) {
+    int R, NP;
+    block_shape(M, &R, &NP);
+    const int mb = M < MB ? M : MB;
+#if X_CONVERTED
+    /* X block [mb, K] fp32, then two widened panels per thread */
+    const int nth = omp_get_max_threads();
+    float *xf = x_buffer((size_t)mb * K + (size_t)nth * 2 * K * PW);
+    if (!xf) return -1;
+    const int64_t ldxs = K;
+#else
+    const int64_t ldxs = ldx;
+#endif
+#pragma omp parallel
+    {
+        int g0, g1;
+        const int tid = omp_get_thread_num();
+        thread_band(o->npan, NP, tid, omp_get_num_threads(), &g0, &g1);
+        for (int m0 = 0; m0 < M; m0 += mb) {
+            const int ms = M - m0 < mb ? M - m0 : mb;
+#if X_CONVERTED
+            float *wide = xf + (size_t)mb * K + (size_t)tid * 2 * K * PW;
+#pragma omp for schedule(static)
+            for (int j = 0; j < ms; j++) {
+                const bf16 *x = X + (int64_t)(m0 + j) * ldx;
+                for (int k = 0; k < K; k++) xf[(int64_t)j * K + k] = bf2f(x[k]);
+            } /* (barrier: every row converted before any is read) */
+            const float *xb = xf;
+#else
+            float *wide = NULL;
+            const bf16 *xb = X + (int64_t)m0 * ldx;
+#endif
+            for (int q0 = g0; q0 < g1; q0 += NP)
+                panel_group(o, xb, ldxs, m0, ms, K, R, q0, g1 - q0 < NP ? g1 - q0 : NP, wide);
+#if X_CONVERTED
+#pragma omp barrier /* the next block overwrites xf */
+#endif
+        }
+    }
+    return 0;
+}
+
+/* Y[M, N] = X[M, K] . W^T (+ bias [N]), P from genserve_panel_pack_bf16(W, P, N, K). X: row
+ * stride ldx; Y: bf16 (out_f32 = 0; fp32 sum + bias rounded once, as PyTorch's bf16 linear)
+ * or fp32, row stride ldy. Returns 0, or -1 (nothing written) when memory ran out. */
+int genserve_panel_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *bias, void *Y,
+                               int ldy, int M, int N, int K, int out_f32) {
+    if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? 0 : -1;
+    const Out o = {P, panel_elems(K), (N + PW - 1) / PW, 0, bias, Y, ldy, N,
+                   out_f32 ? OUT_F32 : OUT_BF16};
+    return run(X, ldx, &o, M, K);
+}
+
+/* act[M, I] = bf16(bf16(silu(g)) * u) for [g | u] = X . W^T, W the [2 I, K] gate and up
+ * projections stacked (gate rows first) packed as one [2 I, K] weight: exactly
+ * genserve_silu_mul_bf16 of genserve_panel_linear_bf16's bf16 output, without the [M, 2 I]
+ * buffer. I % 16 == 0 (else -1: run the linear, then genserve_silu_mul_bf16). */
+int genserve_panel_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int ldact, int M,
+                            int I, int K) {
+    if (I % PW || M < 0 || I <= 0 || K <= 0) return -1;
+    if (M == 0) return 0;
+    const int64_t pe = panel_elems(K);
+    const Out o = {P, pe, I / PW, (int64_t)(I / PW) * pe, NULL, act, ldact, I, GLU};
+    return run(X, ldx, &o, M, K);
+}
