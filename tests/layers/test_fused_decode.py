@@ -3,6 +3,8 @@ float32 run of the same weights: the kernel must be at least as close to float32
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from genserve.config import CacheConfig
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.request import Request
 from genserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from genserve.kernels import load_amx_linear
+from genserve.kernels import load_amx_linear, load_kernels
+from genserve.layers.fused_decode import StackLayer
 from genserve.models.loader import load_config, load_model
 
 
@@ -88,3 +91,53 @@ def test_fused_decode_matches_torch_bf16(
     top2 = exact.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 0.5
     assert torch.equal(fused.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+# genserve_decode_stack_bf16 is built in every kernel set: on panel_linear.c's linears (the
+# CPUs without AMX) every layer of a batched decode step runs in one native call too
+P = ctypes.c_void_p
+
+
+def _panel_stack(fd, lib, keep):
+    """FusedDecode._stack's tuple with every linear packed in panels (kept alive in `keep`)."""
+    stack = []
+    for layer, (_, attn) in zip(fd.model.model.layers, fd.layers, strict=True):
+        ptrs = []
+        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                  layer.mlp.down_proj):  # fmt: skip
+            w = m.weight.detach().to(torch.bfloat16).contiguous()
+            n, k = w.shape
+            p = torch.empty(lib.genserve_panel_packed_size(n, k), dtype=torch.bfloat16)
+            lib.genserve_panel_pack_bf16(w.data_ptr(), p.data_ptr(), n, k)
+            keep.append(p)
+            ptrs.append(p.data_ptr())
+        stack.append(StackLayer(*ptrs, attn.k_cache.data_ptr(), attn.v_cache.data_ptr()))
+    n = len(stack)
+    glu = ctypes.cast(lib.genserve_panel_glu_bf16, P)
+    if fd.cfg.intermediate_size % 16:
+        glu = None
+    weights = (type(fd.layers[0][0]) * n)(*(w for w, _ in fd.layers))
+    return ctypes.cast(lib.genserve_panel_linear_bf16, P), glu, weights, (StackLayer * n)(*stack)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_stack_on_panel_linears(use_kernel_set, tiny_model_dir, arch, monkeypatch):
+    path = tiny_model_dir(arch)
+    runner = _runner(path, torch.bfloat16, native=True)
+    fd = runner.fused
+    assert fd is not None
+    lib = load_kernels(use_kernel_set)
+    keep: list[torch.Tensor] = []
+    args = _panel_stack(fd, lib, keep)
+    stacked = []
+    monkeypatch.setattr(fd, "_stack", lambda: args)
+    monkeypatch.setattr(
+        fd, "forward_stack", lambda *a: stacked.append(1) or type(fd).forward_stack(fd, *a)
+    )
+    ours = _decode_logits(runner, rows=12)
+    assert len(stacked) == 6
+    torch_bf16 = _decode_logits(_runner(path, torch.bfloat16, native=False), rows=12)
+    exact = _decode_logits(_runner(path, torch.float32, native=False), rows=12)
+    err = (ours - exact).abs().mean().item()
+    err_torch = (torch_bf16 - exact).abs().mean().item()
+    assert err <= 1.5 * err_torch + 1e-3, (err, err_torch)
