@@ -72,9 +72,12 @@ def gemm_gflops(lib, m: int, k: int, n: int) -> dict[str, float]:
     w = (torch.randn(n, k) * 0.05).bfloat16()
     x, y = torch.randn(m, k).bfloat16(), torch.empty(m, n)
     flops = 2 * m * n * k
-    out = {name: flops / best_time(partial(fn, x, y)) / 1e9 for name, fn in kernels(lib, w).items()}
-    out["mkl"] = flops / best_time(partial(F.linear, x.float(), w.float())) / 1e9
-    return out
+    fns = {**kernels(lib, w), "mkl": partial(F.linear, x.float(), w.float())}
+    times = {name: [] for name in fns}
+    for _ in range(3):  # interleaved, so a busy spell of the machine hits all three alike
+        for name, fn in fns.items():
+            times[name].append(best_time(partial(fn, x, y) if name != "mkl" else fn, min_s=0.2))
+    return {name: flops / min(t) / 1e9 for name, t in times.items()}
 
 
 def main() -> None:
