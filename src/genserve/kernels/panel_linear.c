@@ -108,29 +108,29 @@ static inline __attribute__((always_inline)) void micro(const float *x, int64_t 
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
     const int kp = (K + 1) / 2;
     for (int kk = 0; kk < kp; kk++) {
-        __m256 w[NPMAX][2];
-        for (int q = 0; q < NP; q++)
-            for (int h = 0; h < 2; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(p[q] + (int64_t)kk * 2 * PW + 16 * h));
-                w[q][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            }
+        const int odd_k = 2 * kk + 1 < K; /* an odd K's last pair has no odd k */
         if (pf)
             for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
-        for (int r = 0; r < R; r++) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk);
-            for (int q = 0; q < NP; q++)
-                for (int h = 0; h < 2; h++) acc[r][q][h] = _mm256_fmadd_ps(xb, w[q][h], acc[r][q][h]);
-        }
-        if (2 * kk + 1 == K) break; /* an odd K's last pair has no odd k */
-        for (int q = 0; q < NP; q++)
-            for (int h = 0; h < 2; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(p[q] + (int64_t)kk * 2 * PW + 16 * h));
-                w[q][h] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+        for (int q = 0; q < NP; q++) {
+            /* each line loaded once: its even k (shift), then its odd k (mask) */
+            const bf16 *line = p[q] + (int64_t)kk * 2 * PW;
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)line);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(line + 16));
+            const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+            const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+            for (int r = 0; r < R; r++) {
+                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk);
+                acc[r][q][0] = _mm256_fmadd_ps(xb, e0, acc[r][q][0]);
+                acc[r][q][1] = _mm256_fmadd_ps(xb, e1, acc[r][q][1]);
             }
-        for (int r = 0; r < R; r++) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
-            for (int q = 0; q < NP; q++)
-                for (int h = 0; h < 2; h++) acc[r][q][h] = _mm256_fmadd_ps(xb, w[q][h], acc[r][q][h]);
+            if (!odd_k) continue;
+            const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
+            const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
+            for (int r = 0; r < R; r++) {
+                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
+                acc[r][q][0] = _mm256_fmadd_ps(xb, o0, acc[r][q][0]);
+                acc[r][q][1] = _mm256_fmadd_ps(xb, o1, acc[r][q][1]);
+            }
         }
     }
     /* the pack puts column j at pair slot j: the first load's dwords are columns 0-7 */
