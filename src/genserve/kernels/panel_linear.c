@@ -73,8 +73,8 @@ static inline __attribute__((always_inline)) void dp_pair(__m512 acc[][NPMAX], c
         for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
     for (int r = 0; r < R; r++) {
         const bf16 *xr = x + r * ldx + 2 * kk;
-        /* the pair as a float: a broadcast from memory (load port), not from a register (the
-         * port vdpbf16ps needs): +10% at M = 512 */
+        /* the pair broadcast straight from memory (a load-port op), not through a register
+         * (a shuffle on a port vdpbf16ps needs) */
         const __m512bh xb = (__m512bh)(last ? _mm512_set1_epi32(xr[0])
                                             : _mm512_broadcastd_epi32(_mm_loadu_si32(xr)));
         for (int q = 0; q < NP; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], xb, w[q]);
@@ -272,8 +272,8 @@ static float *x_buffer(size_t n) {
 #endif
 
 /* The output lines of rows m0.. (R of them), panels q0.. (NP of them): fetched for writing
- * while the micro-kernel runs the row block before them (a 2 MB L2 holds no large Y: without
- * this each first store waits for its line, -35% at M = 512). */
+ * while the micro-kernel runs the row block before them, since a large Y is not in L2 and a
+ * store to a missing line waits for it. */
 static inline void prefetch_out(const Out *o, int m0, int R, int q0, int NP) {
     const int esz = o->mode == OUT_F32 ? 4 : 2;
     for (int r = 0; r < R; r++)
