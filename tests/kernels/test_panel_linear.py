@@ -117,3 +117,42 @@ def test_row_is_batch_invariant(kernels, n, k):
                             assert torch.equal(alone_glu[r][0], both[r]), (nt, batch, r)
     finally:
         torch.set_num_threads(threads)
+
+
+def argmax(lib, p, n, x, n_valid, with_logprob=True):
+    m, k = x.shape
+    out = torch.empty(m, dtype=torch.int64)
+    lp = torch.empty(m) if with_logprob else None
+    rc = lib.genserve_panel_linear_argmax_bf16(
+        x.data_ptr(), x.stride(0), p.data_ptr(), m, n, k, n_valid, out.data_ptr(),
+        None if lp is None else lp.data_ptr(),
+    )  # fmt: skip
+    assert rc == 0
+    return out, lp
+
+
+@pytest.mark.parametrize(("n", "n_valid", "k"), [(1000, 1000, 64), (1000, 990, 65), (49, 33, 576)])
+def test_argmax_matches_linear(kernels, n, n_valid, k):
+    """The greedy lm_head: genserve_argmax_f32 of the fp32 logits, and their log-softmax;
+    a row's choice and log-probability the same bits alone and in batches, 1 or 2 threads."""
+    g = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+    x = torch.randn(40, k, generator=g).bfloat16()
+    p = pack(kernels, w)
+    logits = linear(kernels, p, n, x)[:, :n_valid].contiguous()
+    ref = torch.empty(40, dtype=torch.int64)
+    kernels.genserve_argmax_f32(logits.data_ptr(), 40, n_valid, ref.data_ptr())
+    ours, lp = argmax(kernels, p, n, x, n_valid)
+    assert torch.equal(ours, ref)
+    expect = logits.double().log_softmax(-1).gather(1, ref[:, None])[:, 0].float()
+    torch.testing.assert_close(lp, expect, rtol=0, atol=1e-5)
+    assert torch.equal(argmax(kernels, p, n, x, n_valid, with_logprob=False)[0], ref)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for r in (0, 17, 39):
+                alone, lp1 = argmax(kernels, p, n, x[r : r + 1].clone(), n_valid)
+                assert alone[0] == ours[r] and torch.equal(lp1[0], lp[r]), (nt, r)
+    finally:
+        torch.set_num_threads(threads)

@@ -128,6 +128,7 @@ KERNEL_SIGNATURES: Signatures = {
     "genserve_panel_pack_bf16": ([PTR, PTR, INT, INT], None),
     "genserve_panel_linear_bf16": ([PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT], INT),
     "genserve_panel_glu_bf16": ([PTR, INT, PTR, PTR, INT, INT, INT, INT], INT),
+    "genserve_panel_linear_argmax_bf16": ([PTR, INT, PTR, INT, INT, INT, INT, PTR, PTR], INT),
 }  # fmt: skip
 # The amx set's extras (callers test with hasattr)
 AMX_SIGNATURES: Signatures = {

@@ -18,15 +18,16 @@
  * Built with -fopenmp against PyTorch's libgomp (see gemm.c).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
 #include "kernels.h"
+#include "panel_micro.h"
 #include "vec_math.h"
-
-#define PW 16 /* columns per panel */
 
 static inline int64_t panel_elems(int K) { return (int64_t)(K + 1) / 2 * 2 * PW; }
 
@@ -49,137 +50,6 @@ void genserve_panel_pack_bf16(const bf16 *W, bf16 *P, int N, int K) {
             }
         }
 }
-
-/* The first row block of a register block prefetches the next one's panels, a line per line
- * it reads, so the weight streams at memory bandwidth rather than latency (M = 1 above all) */
-#define PF_HINT _MM_HINT_T0
-#define RMAX 6  /* rows per register block */
-#define NPMAX 8 /* panels per register block (M = 1 streams this many at once) */
-
-#if defined(__AVX512BF16__)
-/* X rows are read in place as bf16 pairs */
-typedef bf16 xelem;
-#define X_CONVERTED 0
-
-/* one pair of k (kk) of R rows against NP panels: x pairs in place, or (last of an odd K)
- * x[K - 1] with 0 beside it, x[K] never read */
-static inline __attribute__((always_inline)) void dp_pair(__m512 acc[][NPMAX], const bf16 *x,
-                                                          int64_t ldx, const bf16 *const *p,
-                                                          int kk, int last, const int R,
-                                                          const int NP, int64_t pf) {
-    __m512bh w[NPMAX];
-    for (int q = 0; q < NP; q++) w[q] = (__m512bh)_mm512_loadu_si512(p[q] + (int64_t)kk * 2 * PW);
-    if (pf)
-        for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
-    for (int r = 0; r < R; r++) {
-        const bf16 *xr = x + r * ldx + 2 * kk;
-        /* the pair broadcast straight from memory (a load-port op), not through a register
-         * (a shuffle on a port vdpbf16ps needs) */
-        const __m512bh xb = (__m512bh)(last ? _mm512_set1_epi32(xr[0])
-                                            : _mm512_broadcastd_epi32(_mm_loadu_si32(xr)));
-        for (int q = 0; q < NP; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], xb, w[q]);
-    }
-}
-
-/* c[R][NP * 16] = R rows of X (x, row stride ldx) times the panels p[0..NP) */
-static inline __attribute__((always_inline)) void micro(const bf16 *x, int64_t ldx,
-                                                        const bf16 *const *p, int K, float *c,
-                                                        const int R, const int NP, int64_t pf) {
-    __m512 acc[RMAX][NPMAX];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
-    for (int kk = 0; kk < K / 2; kk++) dp_pair(acc, x, ldx, p, kk, 0, R, NP, pf);
-    if (K & 1) dp_pair(acc, x, ldx, p, K / 2, 1, R, NP, pf);
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NP; q++) _mm512_storeu_ps(c + (r * NP + q) * PW, acc[r][q]);
-}
-
-#else
-/* X is converted to fp32 once per call (per block of rows), so a broadcast is one load */
-typedef float xelem;
-#define X_CONVERTED 1
-
-static inline __attribute__((always_inline)) void micro(const float *x, int64_t ldx,
-                                                        const bf16 *const *p, int K, float *c,
-                                                        const int R, const int NP, int64_t pf) {
-    __m256 acc[RMAX][NPMAX][2];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NP; q++) acc[r][q][0] = acc[r][q][1] = _mm256_setzero_ps();
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
-    const int kp = (K + 1) / 2;
-    for (int kk = 0; kk < kp; kk++) {
-        const int odd_k = 2 * kk + 1 < K; /* an odd K's last pair has no odd k */
-        if (pf)
-            for (int q = 0; q < NP; q++) _mm_prefetch((const char *)(p[q] + pf + (int64_t)kk * 2 * PW), PF_HINT);
-        for (int q = 0; q < NP; q++) {
-            /* each line loaded once: its even k (shift), then its odd k (mask) */
-            const bf16 *line = p[q] + (int64_t)kk * 2 * PW;
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)line);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(line + 16));
-            const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
-            const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
-            for (int r = 0; r < R; r++) {
-                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk);
-                acc[r][q][0] = _mm256_fmadd_ps(xb, e0, acc[r][q][0]);
-                acc[r][q][1] = _mm256_fmadd_ps(xb, e1, acc[r][q][1]);
-            }
-            if (!odd_k) continue;
-            const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
-            const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
-            for (int r = 0; r < R; r++) {
-                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
-                acc[r][q][0] = _mm256_fmadd_ps(xb, o0, acc[r][q][0]);
-                acc[r][q][1] = _mm256_fmadd_ps(xb, o1, acc[r][q][1]);
-            }
-        }
-    }
-    /* the pack puts column j at pair slot j: the first load's dwords are columns 0-7 */
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NP; q++)
-            for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + (r * NP + q) * PW + 8 * h, acc[r][q][h]);
-}
-
-/* a panel widened to fp32 [K][16] (exact), for blocks of many rows: the micro-kernel is then
- * loads and FMAs only, the shift and mask (on the FMA ports) paid once per panel */
-static void widen(const bf16 *p, int K, float *out) {
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
-    for (int k = 0; k < K; k++)
-        for (int h = 0; h < 2; h++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (int64_t)(k / 2) * 2 * PW + 16 * h));
-            const __m256i w = k & 1 ? _mm256_and_si256(v, odd) : _mm256_slli_epi32(v, 16);
-            _mm256_storeu_ps(out + (int64_t)k * PW + 8 * h, _mm256_castsi256_ps(w));
-        }
-}
-
-/* micro() on one widened panel: the same FMA per k, so the same bits */
-static inline __attribute__((always_inline)) void micro_wide(const float *x, int64_t ldx,
-                                                             const float *w, int K, float *c,
-                                                             const int R) {
-    __m256 acc[RMAX][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int k = 0; k < K; k++) {
-        const __m256 w0 = _mm256_loadu_ps(w + (int64_t)k * PW), w1 = _mm256_loadu_ps(w + (int64_t)k * PW + 8);
-        for (int r = 0; r < R; r++) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
-            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + r * PW + 8 * h, acc[r][h]);
-}
-
-static void micro_wide_any(const float *x, int64_t ldx, const float *w, int K, float *c, int R) {
-    switch (R) {
-    case 6: return micro_wide(x, ldx, w, K, c, 6);
-    case 5: return micro_wide(x, ldx, w, K, c, 5);
-    case 4: return micro_wide(x, ldx, w, K, c, 4);
-    case 3: return micro_wide(x, ldx, w, K, c, 3);
-    case 2: return micro_wide(x, ldx, w, K, c, 2);
-    default: return micro_wide(x, ldx, w, K, c, 1);
-    }
-}
-#endif
 
 /* micro() with R, NP constant, for the shapes the drivers use; any other shape panel by panel */
 static void micro_any(const xelem *x, int64_t ldx, const bf16 *const *p, int K, float *c, int R,
@@ -223,9 +93,33 @@ typedef struct {
     int64_t up;   /* GLU: elements from a gate panel to its up panel, else 0 */
     const bf16 *bias;
     void *Y;
-    int ldy, N, mode; /* OUT_F32, OUT_BF16 or GLU */
+    int ldy, N, mode; /* OUT_F32, OUT_BF16, GLU or ARGMAX */
+    struct Pick *picks; /* ARGMAX: [M][npan] */
+    int lse;            /* ARGMAX: also each panel's sum of exp */
 } Out;
-enum { GLU = 3 };
+enum { GLU = 3, ARGMAX = 4 };
+
+/* ARGMAX: one row's 16 columns of one panel: the first maximum (NaN never chosen; -inf and
+ * `at` = -1 when none) and the sum of exp(v - best) over its non-NaN values */
+typedef struct Pick {
+    float best, sum;
+    int32_t at, pad;
+} Pick;
+
+static void pick16(const Out *o, const float *c, int n, Pick *pk) {
+    pk->best = -INFINITY;
+    pk->at = -1;
+    pk->sum = 0.0f;
+    const int nv = o->N - n < PW ? o->N - n : PW; /* o->N: n_valid */
+    for (int j = 0; j < nv; j++)
+        if (c[j] > pk->best) {
+            pk->best = c[j];
+            pk->at = n + j;
+        }
+    if (o->lse && pk->best > -INFINITY)
+        for (int j = 0; j < nv; j++)
+            if (c[j] == c[j]) pk->sum += expf(c[j] - pk->best);
+}
 
 static inline void store16(const Out *o, const float *c, const bf16 *bias, int64_t at, int n) {
     for (int j = 0; j < PW; j += VL) {
@@ -245,7 +139,9 @@ static void epilogue(const Out *o, const float *c, const float *cu, int m0, int 
             const int n = (q0 + q) * PW;
             const float *cr = c + (r * NP + q) * PW;
             const int64_t at = (int64_t)(m0 + r) * o->ldy + n;
-            if (o->mode == GLU) { /* I % 16 == 0: every panel whole */
+            if (o->mode == ARGMAX) {
+                pick16(o, cr, n, o->picks + (int64_t)(m0 + r) * o->npan + q0 + q);
+            } else if (o->mode == GLU) { /* I % 16 == 0: every panel whole */
                 const float *ur = cu + (r * NP + q) * PW;
                 for (int j = 0; j < PW; j += VL)
                     v_store_bf16((bf16 *)o->Y + at + j,
@@ -275,6 +171,7 @@ static float *x_buffer(size_t n) {
  * while the micro-kernel runs the row block before them, since a large Y is not in L2 and a
  * store to a missing line waits for it. */
 static inline void prefetch_out(const Out *o, int m0, int R, int q0, int NP) {
+    if (o->mode == ARGMAX) return;
     const int esz = o->mode == OUT_F32 ? 4 : 2;
     for (int r = 0; r < R; r++)
         for (int q = 0; q < NP; q++)
@@ -369,7 +266,7 @@ int genserve_panel_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16
                                int ldy, int M, int N, int K, int out_f32) {
     if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? 0 : -1;
     const Out o = {P, panel_elems(K), (N + PW - 1) / PW, 0, bias, Y, ldy, N,
-                   out_f32 ? OUT_F32 : OUT_BF16};
+                   out_f32 ? OUT_F32 : OUT_BF16, NULL, 0};
     return run(X, ldx, &o, M, K);
 }
 
@@ -382,6 +279,46 @@ int genserve_panel_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, in
     if (I % PW || M < 0 || I <= 0 || K <= 0) return -1;
     if (M == 0) return 0;
     const int64_t pe = panel_elems(K);
-    const Out o = {P, pe, I / PW, (int64_t)(I / PW) * pe, NULL, act, ldact, I, GLU};
+    const Out o = {P, pe, I / PW, (int64_t)(I / PW) * pe, NULL, act, ldact, I, GLU, NULL, 0};
     return run(X, ldx, &o, M, K);
+}
+
+/* out[m] = argmax over columns n < n_valid of (X . W^T)[m, n] (P packed for [N, K], n_valid
+ * <= N): the greedy output projection without writing the logits. The values are those
+ * genserve_panel_linear_bf16 computes in fp32; the choice is genserve_argmax_f32's: the first
+ * maximum, NaN never chosen, 0 for a row of -inf. With `logprob` (else NULL), also
+ * logprob[m] = that maximum - logsumexp of the row's values (NaN ignored). Each panel's
+ * pick is kept and the panels merged in column order after the kernel, so the result, the
+ * log-probability included, is the same for any M, row position or thread count.
+ * Returns 0, or -1 (nothing written) when memory ran out or the shapes are invalid. */
+int genserve_panel_linear_argmax_bf16(const bf16 *X, int ldx, const bf16 *P, int M, int N, int K,
+                                      int n_valid, int64_t *out, float *logprob) {
+    if (M <= 0 || K <= 0 || n_valid <= 0 || n_valid > N) return -1;
+    const int npan = (n_valid + PW - 1) / PW; /* panels wholly past n_valid: skipped */
+    Pick *picks = malloc((size_t)M * npan * sizeof(Pick));
+    if (!picks) return -1;
+    const Out o = {P, panel_elems(K), npan, 0, NULL, NULL, 0, n_valid, ARGMAX, picks, logprob != NULL};
+    if (run(X, ldx, &o, M, K)) {
+        free(picks);
+        return -1;
+    }
+    for (int m = 0; m < M; m++) {
+        const Pick *pk = picks + (int64_t)m * npan;
+        float best = -INFINITY;
+        int64_t at = 0;
+        for (int p = 0; p < npan; p++)
+            if (pk[p].best > best) {
+                best = pk[p].best;
+                at = pk[p].at;
+            }
+        out[m] = at;
+        if (logprob) { /* max - (max + log sum exp(v - max)) */
+            double total = 0.0;
+            for (int p = 0; p < npan; p++)
+                if (pk[p].best > -INFINITY) total += (double)pk[p].sum * exp((double)pk[p].best - best);
+            logprob[m] = best > -INFINITY ? (float)-log(total) : NAN;
+        }
+    }
+    free(picks);
+    return 0;
 }
