@@ -236,7 +236,8 @@ static int run(const bf16 *X, int ldx, const Out *o, int M, int K) {
     {
         int g0, g1;
         const int tid = omp_get_thread_num();
-        thread_band(o->npan, NP, tid, omp_get_num_threads(), &g0, &g1);
+        /* whole panels (not whole register blocks): N = 576 is 36 panels, 18 a thread */
+        thread_band(o->npan, 1, tid, omp_get_num_threads(), &g0, &g1);
         for (int m0 = 0; m0 < M && g0 < g1; m0 += mb) {
             const int ms = M - m0 < mb ? M - m0 : mb;
 #if X_CONVERTED
