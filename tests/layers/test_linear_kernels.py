@@ -1,7 +1,6 @@
 """Linear's bf16 matmul by kernel set (`LINEAR_KERNELS`): each set binds the kernel it names,
-for every row count, and each gives F.linear's values within one bf16 rounding. Sets this CPU
-runs are bound for real; a set's build that does not exist yet (avx2-fma before its library)
-leaves PyTorch's matmul."""
+for every row count, and each gives F.linear's values within one bf16 rounding; every set this
+CPU runs is bound for real."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.kernels.cpu import TORCH, supported_sets
-from genserve.kernels.library import native_library
 from genserve.layers import kernels as layer_kernels
 from genserve.layers.packed_linear import LINEAR_KERNELS, Linear
 
@@ -24,7 +22,7 @@ class _Tiny(nn.Module):
 
 def _kernel_of(lin: Linear) -> str:
     if lin.packed is not None:
-        return "amx" if lin.packed.amx is not None else "onednn"
+        return lin.packed.packing.name
     return "gemm" if lin.lib is not None else "torch"
 
 
@@ -35,8 +33,8 @@ def test_each_set_binds_its_linear_kernel(kernels, k, n):
     model = _Tiny(k, n).bfloat16()
     lib, _ = layer_kernels.bind_layer_kernels(model, kernels, pack_budget=1 << 30)
     want = LINEAR_KERNELS[kernels] if lib is not None else "torch"
-    if want == "amx" and n % 16:  # a shape the tiles do not take: the gemm on the plain weight
-        want = "gemm"
+    if want == "amx" and n % 16:  # a shape the tiles do not take: the panels
+        want = "panel"
     assert _kernel_of(model.proj) == want
     for rows in (1, 2, 7, 33, 300):
         x = torch.randn(rows, k).bfloat16()
@@ -47,16 +45,13 @@ def test_each_set_binds_its_linear_kernel(kernels, k, n):
         assert (got.float() - exact).abs().max() <= exact.abs().max() * 2**-7 + 0.02
 
 
-def test_gemm_routing_forced_on_an_avx512_build(monkeypatch):
-    """The avx2-fma route (genserve_gemm_bf16 at every row count) on the AVX-512 build, until
-    the AVX2 build exists: each row's output is the same alone and in any batch."""
-    lib = native_library("avx512-bf16")
-    if lib is None:
-        pytest.skip("no AVX512-BF16 build on this CPU")
-    monkeypatch.setattr(layer_kernels, "native_library", lambda name: lib)
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_each_route_is_row_invariant(kernel_set, budget):
+    """The packed route, and the plain-weight gemm where the packing does not fit its budget:
+    each row's output is the same alone and in any batch."""
     model = _Tiny(576, 960).bfloat16()
-    layer_kernels.bind_layer_kernels(model, "avx2-fma", pack_budget=1 << 30)
-    assert _kernel_of(model.proj) == "gemm"
+    layer_kernels.bind_layer_kernels(model, kernel_set, pack_budget=budget)
+    assert _kernel_of(model.proj) == ("gemm" if budget == 0 else LINEAR_KERNELS[kernel_set])
     x = torch.randn(64, 576).bfloat16()
     with torch.inference_mode():
         batched = model.proj(x)

@@ -1,6 +1,7 @@
-"""Prepacked linear weights (AMX tiles where the CPU has AMX, else oneDNN's layout) give
-F.linear's result, with and without bias, on both sides of the row threshold, for shapes the
-AMX kernel takes and shapes it leaves to oneDNN; fp32 output is the unrounded accumulation."""
+"""Prepacked linear weights, for every packing family this CPU runs (AMX tiles; the panels of
+each kernel set), give F.linear's result with and without bias at every row count, for shapes
+the AMX tiles take and shapes they leave to the panels; fp32 output is the unrounded
+accumulation; the fused argmax and the GLU epilogue give what the logits and silu_mul give."""
 
 from __future__ import annotations
 
@@ -10,30 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genserve.kernels import load_amx_linear, load_kernels
-from genserve.layers import packed_linear as pl
-from genserve.layers.packed_linear import (
-    Linear,
-    PackedWeight,
-    pack_linear_weights,
-    packing_supported,
-)
+from genserve.kernels import load_kernels
+from genserve.layers.packed_linear import Linear, PackedWeight, Packing, pack_linear_weights
 from genserve.sampling.sampler import argmax_rows
 
-pytestmark = pytest.mark.skipif(
-    not packing_supported(torch.bfloat16), reason="neither AMX nor oneDNN bf16 on this CPU"
-)
 
-BACKENDS = ["amx", "onednn"]
+@pytest.fixture()
+def packings(use_kernel_set) -> list[Packing]:
+    """The set's packing families, preferred first (`amx`: AMX tiles, then panels)."""
+    amx = Packing.amx() if use_kernel_set == "amx" else None
+    return [*([amx] if amx is not None else []), Packing.panel(load_kernels(use_kernel_set))]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "amx" and load_amx_linear() is None:
-        pytest.skip("no AMX-BF16 on this CPU")
-    if request.param == "onednn":
-        monkeypatch.setattr(pl, "load_amx_linear", lambda: None)
-    return request.param
+@pytest.fixture()
+def packing(packings) -> Packing:
+    return packings[0]
 
 
 def _exact(x, w, b):
@@ -43,15 +35,15 @@ def _exact(x, w, b):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 9, 32, 33, 100, 256, 257])
 @pytest.mark.parametrize(("k", "n"), [(96, 160), (64, 48), (100, 40)])
-def test_packed_linear_matches_plain(backend, rows, bias, k, n):
+def test_packed_linear_matches_plain(packings, rows, bias, k, n):
     torch.manual_seed(rows + k)
     lin = Linear(k, n, bias=bias).bfloat16()
     x = torch.randn(rows, k).bfloat16()
     plain = F.linear(x, lin.weight, lin.bias)
     exact = _exact(x, lin.weight, lin.bias)
-    assert pack_linear_weights(lin, budget_bytes=1 << 30) > 0 and lin.packed is not None
-    amx = lin.packed.amx is not None
-    assert amx == (backend == "amx" and k % 32 == 0 and n % 16 == 0)
+    assert pack_linear_weights(lin, 1 << 30, packings) > 0 and lin.packed is not None
+    amx = lin.packed.packing.name == "amx"
+    assert amx == (packings[0].name == "amx" and k % 32 == 0 and n % 16 == 0)
     with torch.inference_mode():
         packed = lin(x)
     assert packed.dtype == torch.bfloat16 and packed.shape == plain.shape
@@ -59,38 +51,32 @@ def test_packed_linear_matches_plain(backend, rows, bias, k, n):
     assert (packed.float() - exact).abs().max() <= (plain.float() - exact).abs().max() * 1.01 + 0.02
 
 
-def test_fp32_output_is_the_accumulation(backend):
+def test_fp32_output_is_the_accumulation(packing):
     torch.manual_seed(0)
     w = torch.randn(4096, 128).bfloat16()
     x = torch.randn(20, 128).bfloat16()
-    out = PackedWeight(w)(x, out_f32=True)
+    out = PackedWeight(w, packing)(x, out_f32=True)
     assert out.dtype == torch.float32
-    exact = _exact(x, w, None)
-    err = (out - exact).abs().max().item()
-    if backend == "amx":  # no bf16 rounding at all: only fp32 summation order
-        assert err < 1e-3, err
-    else:  # oneDNN rounds its bf16 output first: half a bf16 ulp
-        assert err <= exact.abs().max().item() * 2**-8, err
+    err = (out - _exact(x, w, None)).abs().max().item()
+    assert err < 1e-3, err  # no bf16 rounding at all: only fp32 summation order
 
 
-def test_packing_respects_budget():
+def test_packing_respects_budget(packing):
     lin = Linear(64, 64).bfloat16()
-    assert pack_linear_weights(lin, budget_bytes=100) == 0
+    assert pack_linear_weights(lin, 100, [packing]) == 0
     assert lin.packed is None
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32, 33, 70])
 @pytest.mark.parametrize(("n", "n_valid"), [(4096, 4096), (960, 950), (48, 17), (16, 16)])
-def test_fused_argmax_chooses_as_argmax_rows(rows, n, n_valid):
+def test_fused_argmax_chooses_as_argmax_rows(packing, rows, n, n_valid):
     """The output projection's fused argmax picks what argmax_rows picks on the fp32 logits
     it would have written, columns past n_valid (padded vocabulary) never chosen; its
     logprobs are those logits' log_softmax at the choice (as the sampler computes them)."""
-    if load_amx_linear() is None:
-        pytest.skip("no AMX-BF16 on this CPU")
     torch.manual_seed(rows * n)
     w = torch.randn(n, 64).bfloat16()
     x = torch.randn(rows, 64).bfloat16()
-    head = PackedWeight(w)
+    head = PackedWeight(w, packing)
     logits = head(x, out_f32=True)[:, :n_valid]
     ids, none = head.argmax(x, n_valid)
     assert none is None and ids.dtype == torch.int64
@@ -102,17 +88,15 @@ def test_fused_argmax_chooses_as_argmax_rows(rows, n, n_valid):
     torch.testing.assert_close(lps, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_argmax_ties_and_inf_rows():
+def test_fused_argmax_ties_and_inf_rows(packing):
     """Ties go to the first column (across lanes and threads); a row whose logits are all
-    -inf gives 0, as argmax_rows; no AMX packing: None (the caller computes logits)."""
-    if load_amx_linear() is None:
-        pytest.skip("no AMX-BF16 on this CPU")
+    -inf gives 0, as argmax_rows; n_valid out of range: None (the caller computes logits)."""
     torch.manual_seed(1)
     w = torch.randn(2048, 64).bfloat16()
     for col in (1500, 37, 900):  # equal columns: the same logit, the first one wins
         w[col] = w[600]
     x = torch.stack([w[600], w[600], torch.zeros(64, dtype=torch.bfloat16)]).contiguous()
-    head = PackedWeight(w)
+    head = PackedWeight(w, packing)
     got, lps = head.argmax(x, 2048, logprobs=True)
     assert got[:2].tolist() == [37, 37]
     # four equal best logits: each has at most log(1/4); a row of zeros: every logit 0
@@ -121,22 +105,20 @@ def test_fused_argmax_ties_and_inf_rows():
     assert got.tolist() == argmax_rows(head(x, out_f32=True)).tolist()
     w_inf = torch.full((64, 64), float("-inf")).bfloat16()
     x_pos = torch.ones(2, 64).bfloat16()
-    assert PackedWeight(w_inf).argmax(x_pos, 64)[0].tolist() == [0, 0]
+    assert PackedWeight(w_inf, packing).argmax(x_pos, 64)[0].tolist() == [0, 0]
     assert head.argmax(x, 0) is None and head.argmax(x, 2049) is None
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32, 33, 70])
 @pytest.mark.parametrize(("inter", "k"), [(1536, 576), (48, 64), (16, 32)])
-def test_glu_is_silu_mul_of_the_linear(rows, inter, k):
+def test_glu_is_silu_mul_of_the_linear(packing, rows, inter, k):
     """The gate_up projection with silu_and_mul in its epilogue gives exactly the bf16 values of
     the linear followed by the native silu_mul (itself PyTorch's silu(g) * u within rounding)."""
     lib = load_kernels()
-    if load_amx_linear() is None or lib is None:
-        pytest.skip("no AMX-BF16 on this CPU")
     torch.manual_seed(rows + inter)
     w = (torch.randn(2 * inter, k) * 0.3).bfloat16()
     x = torch.randn(rows, k).bfloat16()
-    gate_up = PackedWeight(w)
+    gate_up = PackedWeight(w, packing)
     gu = gate_up(x)
     expected = torch.empty(rows, inter, dtype=torch.bfloat16)
     lib.genserve_silu_mul_bf16(gu.data_ptr(), expected.data_ptr(), rows, inter)
@@ -146,4 +128,4 @@ def test_glu_is_silu_mul_of_the_linear(rows, inter, k):
     ref = (F.silu(g) * u).float()
     assert (got.float() - ref).abs().max() <= ref.abs().max() * 2**-7
     # 48 outputs: 24 intermediate columns, not whole 16-column blocks: the caller falls back
-    assert PackedWeight(torch.randn(48, k).bfloat16()).glu(x) is None
+    assert PackedWeight(torch.randn(48, k).bfloat16(), packing).glu(x) is None

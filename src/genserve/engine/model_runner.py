@@ -52,14 +52,16 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
     return int(blocks)
 
 
-# kernel set -> step kind -> the whole-step fast path the model is asked for
+# kernel set -> step kind -> the whole-step fast paths the model is asked for, in order
 # (`CausalLM.decode_fast_path`); a step the table or the model leaves out runs `model.forward`.
 # Each path gives the values `forward` gives on that set, so a row's tokens do not depend on
 # the path its step took (tests/engine/test_batch_invariance.py).
-STEP_PATHS: dict[str, dict[str, str]] = {
-    "amx": {"decode": "stack"},  # every layer of a pure-decode step in one native call
-    "avx512-bf16": {"decode": "layer"},  # the fused layer kernel, 1-2 rows
-    "avx2-fma": {"decode": "layer"},
+# `stack`: every layer of a pure-decode step in one native call on the packed linears; `layer`:
+# the fused layer kernel on the plain weights (1-2 rows), where the packing did not fit.
+STEP_PATHS: dict[str, dict[str, tuple[str, ...]]] = {
+    "amx": {"decode": ("stack", "layer")},
+    "avx512-bf16": {"decode": ("stack", "layer")},
+    "avx2-fma": {"decode": ("stack", "layer")},
     TORCH: {},
 }
 
@@ -102,7 +104,7 @@ class ModelRunner:
             attn.k_cache = hugepages.empty(shape, dtype, prefault=True)
             attn.v_cache = hugepages.empty(shape, dtype, prefault=True)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
-        paths = ", ".join(f"{kind} steps: {p}" for kind, p in self.paths.items())
+        paths = ", ".join(f"{kind} steps: {' or '.join(p)}" for kind, p in self.paths.items())
         log.info("kernels: %s; %s", self.kernels, paths or "every step: model.forward")
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
@@ -115,9 +117,11 @@ class ModelRunner:
     def step_forward(self, ctx: ForwardContext) -> StepFn:
         """The one choice of path for a step: the model's declared fast path where `paths`
         names one for this kind of step and the model takes it, else its forward."""
-        path = self.paths.get(step_kind(ctx))
-        fast = self.model.decode_fast_path(path, ctx) if path else None
-        return self.model if fast is None else fast
+        for path in self.paths.get(step_kind(ctx), ()):
+            fast = self.model.decode_fast_path(path, ctx)
+            if fast is not None:
+                return fast
+        return self.model
 
     @property
     def capacity_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached.
 
-The C sources are one per concept (gemm.c, small_ops.c, attention_decode.c,
+The C sources are one per concept (gemm.c, panel_linear.c, small_ops.c, attention_decode.c,
 attention_prefill.c, decoder_layer.c, sampling.c); each kernel set of `cpu.py` builds them all
 into one library with its own compiler flags, the sources picking their variant by the
 predefined ISA macros (`__AVX512BF16__`, else AVX2 + FMA; `GENSERVE_AMX` for the AMX paths).
@@ -37,7 +37,7 @@ SET_FLAGS: dict[str, tuple[str, ...]] = {
     "amx": (*AVX512_BF16, *AMX, "-DGENSERVE_AMX"),
 }
 KERNEL_SOURCES = ("gemm.c", "small_ops.c", "attention_decode.c", "attention_prefill.c",
-                  "decoder_layer.c", "sampling.c")  # fmt: skip
+                  "decoder_layer.c", "sampling.c", "panel_linear.c")  # fmt: skip
 
 
 def cache_root() -> Path:
@@ -104,11 +104,14 @@ PREFILL_ARGS = (
     [PTR, I64, PTR, I64, PTR, PTR, PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT, FLT],
     INT,
 )
-# Every native kernel set exports these. genserve_decode_layer_bf16 takes struct pointers
-# (layers/fused_decode.py builds them).
+# Every native kernel set exports these. genserve_decode_layer_bf16 and
+# genserve_decode_stack_bf16 take struct pointers (layers/fused_decode.py builds them); the
+# stack takes its linears as function pointers: the amx library's, or the panel ones here.
+# Those returning INT return nonzero when memory ran out (the result is then not usable).
 KERNEL_SIGNATURES: Signatures = {
-    "genserve_decode_layer_bf16": (None, None),
-    "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], None),
+    "genserve_decode_layer_bf16": (None, INT),
+    "genserve_decode_stack_bf16": (None, INT),
+    "genserve_gemm_bf16": ([PTR, PTR, PTR, INT, PTR, INT, INT, INT, INT, INT], INT),
     "genserve_add_rmsnorm_bf16": ([PTR, PTR, PTR, PTR, INT, INT, FLT], None),
     "genserve_qkv_post_bf16": ([PTR, INT, INT, INT, INT, PTR, PTR, PTR, FLT, PTR, PTR, PTR], None),
     "genserve_silu_mul_bf16": ([PTR, PTR, INT, INT], None),
@@ -121,12 +124,15 @@ KERNEL_SIGNATURES: Signatures = {
     "genserve_top_k_mask_f32": ([PTR, I64, INT, I64, PTR], INT),
     "genserve_logsumexp_f32": ([PTR, I64, INT, I64, PTR], None),
     "genserve_prefill_attention_bf16": PREFILL_ARGS,
+    "genserve_panel_packed_size": ([INT, INT], I64),
+    "genserve_panel_pack_bf16": ([PTR, PTR, INT, INT], None),
+    "genserve_panel_linear_bf16": ([PTR, INT, PTR, PTR, PTR, INT, INT, INT, INT, INT], INT),
+    "genserve_panel_glu_bf16": ([PTR, INT, PTR, PTR, INT, INT, INT, INT], INT),
+    "genserve_panel_linear_argmax_bf16": ([PTR, INT, PTR, INT, INT, INT, INT, PTR, PTR], INT),
 }  # fmt: skip
-# The amx set's extras (callers test with hasattr); genserve_decode_stack_bf16 takes struct
-# pointers too.
+# The amx set's extras (callers test with hasattr)
 AMX_SIGNATURES: Signatures = {
     **KERNEL_SIGNATURES,
-    "genserve_decode_stack_bf16": (None, INT),
     "genserve_prefill_attention_amx": PREFILL_ARGS,
 }  # fmt: skip
 

@@ -48,12 +48,14 @@ def decode_layer(
 ) -> None:  # fmt: skip
     """One decoder layer for the decode rows x [T, hidden] bf16 (the residual stream, updated
     in place); cos_sin [T, D] fp32; scratch from `layer_scratch`."""
-    lib.genserve_decode_layer_bf16(
+    rc = lib.genserve_decode_layer_bf16(
         ctypes.byref(weights), P(x.data_ptr()), ctypes.c_int(x.shape[0]), P(cos_sin.data_ptr()),
         P(k_cache.data_ptr()), P(v_cache.data_ptr()), P(slot_mapping.data_ptr()),
         P(block_tables.data_ptr()), ctypes.c_int(block_tables.shape[1]),
         P(context_lens.data_ptr()), ctypes.c_int(k_cache.shape[1]), ctypes.byref(scratch),
     )  # fmt: skip
+    if rc:
+        raise MemoryError("native decode layer: its thread buffers did not fit in memory")
 
 
 def layer_scratch(cfg, rows: int, max_context: int) -> tuple[Scratch, list[torch.Tensor]]:

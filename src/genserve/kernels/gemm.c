@@ -100,13 +100,14 @@ static void gemv1_band(const bf16 *W, const bf16 *bias, const bf16 *X, void *Y, 
     if (n < n1) gemm_band(W, bias, X, 0, Y, 0, 1, K, n, n1, mode);
 }
 
-void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy, int M,
-              int N, int K, int mode) {
+int gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy, int M,
+             int N, int K, int mode) {
     int n0, n1;
     thread_band(N, ROWS, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-    if (n0 >= n1) return;
+    if (n0 >= n1) return 0;
     if (M == 1) gemv1_band(W, bias, X, Y, K, n0, n1, mode);
     else gemm_band(W, bias, X, ldx, Y, ldy, M, K, n0, n1, mode);
+    return 0;
 }
 
 #else
@@ -190,20 +191,20 @@ static float *pack_buffer(size_t n) {
     return (float *)grow_buffer(&buf, &cap, n * sizeof(float));
 }
 
-void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy, int M,
-              int N, int K, int mode) {
+int gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy, int M,
+             int N, int K, int mode) {
     int n0, n1;
     thread_band(N, 8, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-    if (n0 >= n1) return;
+    if (n0 >= n1) return 0;
     const int kp = (K + 15) / 16 * 16;
     float *xf = pack_buffer((size_t)(M < MB ? M : MB) * kp);
-    if (!xf) abort(); /* a few hundred KiB at most: no caller can go on without it */
+    if (!xf) return -1; /* this thread's band is not written */
     if (M == 1) { /* stream W once at memory speed: 8 rows a block, prefetched ahead */
         convert_rows(X, ldx, 0, 1, K, kp, xf);
         int n = n0;
         for (; n + 8 <= n1; n += 8) dot_block(W, K, kp, xf, bias, Y, ldy, n, 0, mode, 8, 1, 1);
         for (; n < n1; n++) dot_block(W, K, kp, xf, bias, Y, ldy, n, 0, mode, 1, 1, 0);
-        return;
+        return 0;
     }
     for (int m0 = 0; m0 < M; m0 += MB) {
         const int ms = M - m0 < MB ? M - m0 : MB;
@@ -218,12 +219,19 @@ void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, 
             }
         }
     }
+    return 0;
 }
 #endif
 
-/* Y = X W^T (+ bias): X [M, K] bf16 (row stride ldx), W [N, K] bf16, Y fp32 or bf16 [M, ldy]. */
-void genserve_gemm_bf16(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
-                        int M, int N, int K, int out_f32) {
+/* Y = X W^T (+ bias): X [M, K] bf16 (row stride ldx), W [N, K] bf16, Y fp32 or bf16 [M, ldy].
+ * Returns 0, or -1 when a thread could not get its X buffer (Y then incomplete). */
+int genserve_gemm_bf16(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
+                       int M, int N, int K, int out_f32) {
+    int failed = 0;
 #pragma omp parallel
-    gemm_omp(W, bias, X, ldx, Y, ldy, M, N, K, out_f32 ? OUT_F32 : OUT_BF16);
+    if (gemm_omp(W, bias, X, ldx, Y, ldy, M, N, K, out_f32 ? OUT_F32 : OUT_BF16)) {
+#pragma omp atomic write
+        failed = 1;
+    }
+    return failed ? -1 : 0;
 }

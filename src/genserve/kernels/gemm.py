@@ -21,8 +21,10 @@ def gemm_bf16(
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32 if out_f32 else torch.bfloat16)
-    lib.genserve_gemm_bf16(
+    rc = lib.genserve_gemm_bf16(
         weight.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), x.stride(0),
         y.data_ptr(), n, m, n, k, int(out_f32),
     )  # fmt: skip
+    if rc:
+        raise MemoryError("native gemm: its thread buffers did not fit in memory")
     return y

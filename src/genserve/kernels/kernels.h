@@ -12,9 +12,10 @@
 enum { OUT_BF16 = 0, OUT_F32 = 1, OUT_ADD_BF16 = 2 };
 
 /* Inside a parallel region: Y[M, N] (op)= X[M, K] W[N, K]^T (+ bias), N split in bands over
- * the threads (no barrier). OUT_ADD_BF16: Y = bf16(Y + bf16(dot)), the residual add. */
-HIDDEN void gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
-                     int M, int N, int K, int mode);
+ * the threads (no barrier). OUT_ADD_BF16: Y = bf16(Y + bf16(dot)), the residual add. Returns
+ * 0, or -1 when this thread got no X buffer (its band then not written). */
+HIDDEN int gemm_omp(const bf16 *W, const bf16 *bias, const bf16 *X, int ldx, void *Y, int ldy,
+                    int M, int N, int K, int mode);
 
 /* --------------------------------------------------------------------------- small_ops.c */
 /* out[0:n] = w * bf16(x * rsqrt(mean(x^2) + eps)), the transformers RMSNorm in bf16 */

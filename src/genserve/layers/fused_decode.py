@@ -1,12 +1,14 @@
 """The native whole-step decode paths a Llama-family model declares (`decode_fast_path`).
 
 - `stack`: every layer of a pure-decode step in one native call (`genserve_decode_stack_bf16`)
-  where every linear is packed in AMX tiles: the calls `LlamaForCausalLM.forward` makes on the
-  `amx` kernel set (AMX linears and GLU, native small ops and decode attention), in the same
-  order, without the trips back to Python between them: the same bf16 values, at any row count.
+  where every linear is packed for one kernel family (AMX tiles, or panels on the other sets):
+  the calls `LlamaForCausalLM.forward` makes (packed linears and GLU, native small ops and
+  decode attention), in the same order, without the trips back to Python between them: the
+  same bf16 values, at any row count.
 - `layer`: the fused layer kernel (`genserve_decode_layer_bf16`) per layer, for pure-decode
-  steps of up to `MAX_ROWS` rows on CPUs with AVX512-BF16 and no AMX (its dot products are
-  `genserve_gemm_bf16`'s, its attention and SwiGLU its own).
+  steps of up to `MAX_ROWS` rows on the plain weights (its dot products are
+  `genserve_gemm_bf16`'s, its attention and SwiGLU the standalone kernels'): the path where the
+  packed copy did not fit its memory budget.
 
 The kernels read the model's own parameter and KV-cache storage: nothing is copied.
 """
@@ -88,25 +90,28 @@ class FusedDecode:
 
     def _stack(self) -> tuple | None:
         """(linear kernel, glu kernel, LayerWeights array, StackLayer array) when every linear
-        of every layer is packed in AMX tiles; built on first use (the KV caches are bound)."""
+        of every layer is packed for one kernel family (AMX tiles or panels, `Packing`); built
+        on first use (the KV caches are bound)."""
         if self._stack_args is None:
             groups = [
                 [layer.self_attn.qkv_proj.packed, layer.self_attn.o_proj.packed,
                  layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed]
                 for layer in self.model.model.layers
             ]  # fmt: skip
-            if not all(p is not None and p.amx is not None for g in groups for p in g):
+            packings = {None if p is None else p.packing for g in groups for p in g}
+            if len(packings) != 1 or None in packings:
                 self._stack_args = ()
                 return None
+            (packing,) = packings
             stack = [
                 decoder.StackLayer(*(p.data.data_ptr() for p in g), attn.k_cache.data_ptr(),
                                    attn.v_cache.data_ptr())
                 for g, attn in zip(groups, self.attn, strict=True)
             ]  # fmt: skip
-            n, amx = len(stack), groups[0][0].amx
-            glu = amx.genserve_amx_glu_bf16 if self.cfg.intermediate_size % 16 == 0 else None
+            n = len(stack)
+            glu = packing.fn("glu_bf16") if self.cfg.intermediate_size % 16 == 0 else None
             self._stack_args = (
-                ctypes.cast(amx.genserve_amx_linear_bf16, ctypes.c_void_p).value,
+                ctypes.cast(packing.fn("linear_bf16"), ctypes.c_void_p).value,
                 None if glu is None else ctypes.cast(glu, ctypes.c_void_p).value,
                 (decoder.LayerWeights * n)(*self.layers),
                 (decoder.StackLayer * n)(*stack),

@@ -13,7 +13,7 @@ from genserve.kernels.gemm import gemm_bf16
 from genserve.kernels.library import native_library
 from genserve.layers.attention import PagedAttention
 from genserve.layers.basic import RMSNorm
-from genserve.layers.packed_linear import LINEAR_KERNELS, Linear, pack_linear_weights
+from genserve.layers.packed_linear import LINEAR_KERNELS, Linear, Packing, pack_linear_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,10 @@ def bind_layer_kernels(
     model.packed_lm_head = None
     packed = 0
     dtype = next(model.parameters()).dtype
-    kind = LINEAR_KERNELS[kernel_set]
-    if lib is not None and dtype == torch.bfloat16 and kind in ("amx", "onednn"):
-        packed = pack_linear_weights(model, pack_budget, kind)
-        if kind == "onednn":  # oneDNN rounds fp32 outputs to bf16 first: logits by the gemm
-            model.packed_lm_head = None
+    if lib is not None and dtype == torch.bfloat16:
+        amx = Packing.amx() if LINEAR_KERNELS[kernel_set] == "amx" else None
+        packings = [amx] if amx is not None else []
+        packed = pack_linear_weights(model, pack_budget, [*packings, Packing.panel(lib)])
     return lib, packed
 
 
