@@ -98,7 +98,7 @@ def test_cpu_line_and_flags() -> None:
 def test_kernel_set_environment() -> None:
     env = machine.kernels_env("avx2-fma")
     assert env == {"GENSERVE_KERNELS": "avx2-fma", "ATEN_CPU_CAPABILITY": "avx2",
-                   "ONEDNN_MAX_CPU_ISA": "AVX2"}  # fmt: skip
+                   "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
     assert machine.kernels_env("amx") == {"GENSERVE_KERNELS": "amx"}
     assert machine.default_kernel_sets(["amx", "avx512-bf16", "avx2-fma"]) == ["amx", "avx2-fma"]
     assert machine.default_kernel_sets(["avx2-fma"]) == ["avx2-fma"]

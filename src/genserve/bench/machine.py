@@ -21,8 +21,15 @@ RELEVANT_FLAGS = (
     "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
 )  # fmt: skip
 
-# What PyTorch may use under each kernel set: ATen's own vector code and oneDNN's.
-TORCH_ISA = {"avx2-fma": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+# What PyTorch may use under each kernel set: ATen's own vector code, oneDNN's and MKL's (its
+# fp32 sgemm, which transformers' float32 matmuls run on).
+TORCH_ISA = {
+    "avx2-fma": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+}
 
 
 def relevant_flags(flags: Iterable[str]) -> list[str]:
@@ -46,7 +53,7 @@ def cpu_info() -> dict[str, Any]:
         "genserve_kernels": kernel_set_text(),
         "torch_isa": {
             k: os.environ[k]
-            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
             if k in os.environ
         },  # fmt: skip
     }
