@@ -129,3 +129,17 @@ def test_glu_is_silu_mul_of_the_linear(packing, rows, inter, k):
     assert (got.float() - ref).abs().max() <= ref.abs().max() * 2**-7
     # 48 outputs: 24 intermediate columns, not whole 16-column blocks: the caller falls back
     assert PackedWeight(torch.randn(48, k).bfloat16(), packing).glu(x) is None
+
+
+@pytest.mark.parametrize("rows", [33, 300, 1000])
+def test_a_row_is_the_same_in_any_batch(packing, rows):
+    """Linear and GLU on the packing: each row's bits alone equal its bits inside `rows` rows
+    (past the AMX linear's 256-row chunks too)."""
+    torch.manual_seed(rows)
+    w = (torch.randn(2 * 96, 576) * 0.1).bfloat16()
+    x = torch.randn(rows, 576).bfloat16()
+    packed = PackedWeight(w, packing)
+    for i in (0, rows // 2, rows - 1):
+        assert torch.equal(packed(x)[i], packed(x[i : i + 1])[0])
+        assert torch.equal(packed(x, out_f32=True)[i], packed(x[i : i + 1], out_f32=True)[0])
+        assert torch.equal(packed.glu(x)[i], packed.glu(x[i : i + 1])[0])

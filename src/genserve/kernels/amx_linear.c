@@ -27,6 +27,11 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+/* rows of X per pass over the weights in the linear layer: 256 x K bf16 (288 KiB at K=576) stays
+ * in L2 while every weight block streams by; past it X would be re-read from L3 once per
+ * 32-column block */
+#define M_CHUNK 256
+
 int genserve_amx_init(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
 }
@@ -127,15 +132,19 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
     {
         amx_tiles_16x64();
         float c[32 * 32] __attribute__((aligned(64)));
-        /* pairs of 16-column blocks; an odd last block runs alone */
+        /* chunks of M_CHUNK rows (their X stays in L2 while every weight block passes), then
+         * pairs of 16-column blocks; an odd last block runs alone. Each output element is still
+         * one amx_block over all of K: the same bits at any M. */
+        for (int mc = 0; mc < Mp; mc += M_CHUNK) {
+            const int mend = mc + M_CHUNK < Mp ? mc + M_CHUNK : Mp;
 #pragma omp for schedule(static)
         for (int pb = 0; pb < (nblocks + 1) / 2; pb++) {
             const int nb = 2 * pb, two = nb + 1 < nblocks;
             const bf16 *p0 = P + nb * tile_col;
-            for (int m0 = 0; m0 < Mp; m0 += 32) {
+            for (int m0 = mc; m0 < mend; m0 += 32) {
                 amx_block(X_ROWS(m0), X_LD(m0), p0, two ? p0 + tile_col : NULL,
-                          m0 == 0 && nb + 2 < nblocks ? p0 + 2 * tile_col : NULL,
-                          m0 == 0 && nb + 3 < nblocks ? p0 + 3 * tile_col : NULL, nk, c);
+                          m0 == mc && nb + 2 < nblocks ? p0 + 2 * tile_col : NULL,
+                          m0 == mc && nb + 3 < nblocks ? p0 + 3 * tile_col : NULL, nk, c);
                 const int rows = M - m0 < 32 ? M - m0 : 32;
                 for (int h = 0; h <= two; h++) {
                     const int n = (nb + h) * 16;
@@ -150,6 +159,7 @@ int genserve_amx_linear_bf16(const bf16 *X, int ldx, const bf16 *P, const bf16 *
                     }
                 }
             }
+        }
         }
         _tile_release();
     }
@@ -173,11 +183,13 @@ int genserve_amx_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int 
     {
         amx_tiles_16x64();
         float c[32 * 32] __attribute__((aligned(64)));
+        for (int mc = 0; mc < Mp; mc += M_CHUNK) { /* as in genserve_amx_linear_bf16 */
+            const int mend = mc + M_CHUNK < Mp ? mc + M_CHUNK : Mp;
 #pragma omp for schedule(static)
         for (int j = 0; j < nblocks; j++) {
             const bf16 *g = P + j * tile_col;
-            for (int m0 = 0; m0 < Mp; m0 += 32) {
-                const int more = m0 == 0 && j + 1 < nblocks;
+            for (int m0 = mc; m0 < mend; m0 += 32) {
+                const int more = m0 == mc && j + 1 < nblocks;
                 amx_block(X_ROWS(m0), X_LD(m0), g, g + up, more ? g + tile_col : NULL,
                           more ? g + up + tile_col : NULL, nk, c);
                 const int rows = M - m0 < 32 ? M - m0 : 32;
@@ -188,6 +200,7 @@ int genserve_amx_glu_bf16(const bf16 *X, int ldx, const bf16 *P, bf16 *act, int 
                                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu_bf16x16(gv), uv)));
                 }
             }
+        }
         }
         _tile_release();
     }
