@@ -98,7 +98,8 @@ def test_logsumexp_and_argmax_rows_are_batch_invariant(kernels, batch):
         return lse, idx
 
     lse, idx = run(slice(0, batch))
-    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    # fp32 sums of 49,157 terms in another order than PyTorch's: a few 1e-6 apart
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(idx, x.argmax(1))
     for r in _rows(batch):
         lse_r, idx_r = run(slice(r, r + 1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from linear_cases import assert_close_to_float32, problem
 
 
 def pack(lib, w: torch.Tensor) -> torch.Tensor:
@@ -56,17 +57,10 @@ def test_pack_layout(kernels):
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_float32(kernels, m, n, k, with_bias):
-    g = torch.Generator().manual_seed(m * 7 + n + k)
-    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
-    x_full = torch.randn(m, k + 8, generator=g).bfloat16()
-    x = x_full[:, 3 : 3 + k]  # a row stride that is not K
-    bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
-    ref = x.float() @ w.float().T + (0 if bias is None else bias.float())
+    w, x, bias, ref = problem(m, n, k, with_bias)
     p = pack(kernels, w)
     ours = linear(kernels, p, n, x, bias)
-    # fp32 sums of K exact bf16 products in another order: a few ulps of the sum of magnitudes
-    scale = (x.float().abs() @ w.float().abs().T) + 1
-    assert ((ours - ref).abs() <= scale * 1e-6 * k**0.5).all()
+    assert_close_to_float32(ours, ref, x, w)
     ours_bf16 = linear(kernels, p, n, x, bias, out_f32=False)
     assert torch.equal(ours_bf16, ours.bfloat16())  # rounded once, from the same fp32 sum
 
