@@ -249,18 +249,15 @@ _kernel_sets_ran: set[str] = set()
 _kernel_sets_skipped: dict[str, str] = {}
 
 
-def _missing(name: str) -> str:
-    lacking = [f for f in cpu.KERNEL_SETS[name] if not cpu.cpu_has(f)]
-    return f"no {lacking[0]}" if lacking else "AMX state not granted"
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`kernel_set`: every native set; `kernels_or_torch`: those and the PyTorch path."""
     supported = cpu.supported_sets()
     params = [
         pytest.param(
             name,
-            marks=() if name in supported else pytest.mark.skip(reason=f"{name}: {_missing(name)}"),
+            marks=()
+            if name in supported
+            else pytest.mark.skip(reason=f"{name}: {cpu.why_not(name)}"),
         )
         for name in cpu.NATIVE_SETS
     ]
@@ -302,7 +299,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if name not in cpu.NATIVE_SETS:
         return
     if report.skipped and name not in cpu.supported_sets():
-        _kernel_sets_skipped[name] = _missing(name)
+        _kernel_sets_skipped[name] = cpu.why_not(name)
     elif report.when == "call" and not report.skipped:
         _kernel_sets_ran.add(name)
 

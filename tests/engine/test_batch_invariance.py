@@ -13,8 +13,8 @@ import pytest
 from genserve.config import CacheConfig, SchedulerConfig
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.request import Request
+from genserve.kernels import load_kernels
 from genserve.kernels.cpu import TORCH, supported_sets
-from genserve.kernels.library import native_library
 from genserve.sampling.params import SamplingParams, StoppingParams
 
 MAX_NEW = 16
@@ -81,7 +81,7 @@ def _cases(exact: dict[str, str]) -> list:
     for name in [*supported_sets(), TORCH]:
         for dtype in ("bfloat16", "float32"):
             reason = exact.get(dtype) or exact.get(f"{name}-{dtype}")
-            if dtype == "bfloat16" and native_library(name) is None:
+            if dtype == "bfloat16" and load_kernels(name) is None:
                 reason = f"{name}: no native kernels; PyTorch's bf16 matmuls vary with the rows"
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             params.append(pytest.param(name, dtype, id=f"{name}-{dtype}", marks=marks))

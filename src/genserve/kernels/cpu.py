@@ -98,7 +98,7 @@ def native_enabled() -> bool:
     return os.environ.get("GENSERVE_NATIVE_KERNELS", "1") != "0"
 
 
-def _why_not(name: str) -> str:
+def why_not(name: str) -> str:
     """Why a better set than the one chosen does not run: its first missing flag."""
     missing = [f for f in KERNEL_SETS[name] if f not in cpu_flags()]
     if missing:
@@ -121,10 +121,10 @@ def kernel_set() -> KernelSet:
     if not supported:
         return KernelSet(
             TORCH,
-            _why_not("avx2-fma")
+            why_not("avx2-fma")
             if platform.machine() == "x86_64"
             else f"no native kernels for {platform.machine()}",
         )
     best = supported[0]
     better = NATIVE_SETS[: NATIVE_SETS.index(best)]
-    return KernelSet(best, ", ".join(_why_not(name) for name in reversed(better)))
+    return KernelSet(best, ", ".join(why_not(name) for name in reversed(better)))

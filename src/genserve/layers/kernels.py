@@ -9,8 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from genserve.kernels.gemm import gemm_bf16
-from genserve.kernels.library import native_library
+from genserve.kernels import load_kernels
 from genserve.layers.attention import PagedAttention
 from genserve.layers.basic import RMSNorm
 from genserve.layers.packed_linear import LINEAR_KERNELS, Linear, Packing, pack_linear_weights
@@ -24,7 +23,7 @@ def bind_layer_kernels(
     """Gives every RMSNorm, PagedAttention and Linear of `model` the set's native library (None
     for `torch`) and packs the linear weights where the set's matmul reads packed ones (within
     `pack_budget` bytes). Returns (the library, the bytes packed)."""
-    lib = native_library(kernel_set)
+    lib = load_kernels(kernel_set)
     for m in model.modules():
         if isinstance(m, RMSNorm | PagedAttention | Linear):
             m.lib = lib
@@ -38,8 +37,3 @@ def bind_layer_kernels(
         packings = [amx] if amx is not None else []
         packed = pack_linear_weights(model, pack_budget, [*packings, Packing.panel(lib)])
     return lib, packed
-
-
-def logits_bf16(lib: ctypes.CDLL, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[N, hidden] bf16 @ weight [vocab, hidden]^T -> [N, vocab] fp32 accumulations."""
-    return gemm_bf16(lib, hidden, weight, out_f32=True)

@@ -85,6 +85,10 @@ class PackedWeight:
         size = packing.size(self.n, self.k)
         self.data = torch.empty(size, dtype=torch.bfloat16) if out is None else out[:size]
         packing.fn("pack_bf16")(self.weight.data_ptr(), self.data.data_ptr(), self.n, self.k)
+        # looked up once: these run on every step
+        self._linear = packing.fn("linear_bf16")
+        self._argmax = packing.fn("linear_argmax_bf16")
+        self._glu = packing.fn("glu_bf16")
 
     def __call__(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, out_f32: bool = False
@@ -92,7 +96,7 @@ class PackedWeight:
         x = x.contiguous()
         m = x.shape[0]
         y = torch.empty(m, self.n, dtype=torch.float32 if out_f32 else torch.bfloat16)
-        rc = self.packing.fn("linear_bf16")(
+        rc = self._linear(
             x.data_ptr(), self.k, self.data.data_ptr(), None if bias is None else bias.data_ptr(),
             y.data_ptr(), self.n, m, self.n, self.k, int(out_f32),
         )  # fmt: skip
@@ -112,7 +116,7 @@ class PackedWeight:
         x = x.contiguous()
         ids = torch.empty(x.shape[0], dtype=torch.long)
         lps = torch.empty(x.shape[0], dtype=torch.float32) if logprobs else None
-        rc = self.packing.fn("linear_argmax_bf16")(
+        rc = self._argmax(
             x.data_ptr(), self.k, self.data.data_ptr(), x.shape[0], self.n, self.k, n_valid,
             ids.data_ptr(), None if lps is None else lps.data_ptr(),
         )  # fmt: skip
@@ -127,7 +131,7 @@ class PackedWeight:
         x = x.contiguous()
         inter = self.n // 2
         act = torch.empty(x.shape[0], inter, dtype=torch.bfloat16)
-        rc = self.packing.fn("glu_bf16")(
+        rc = self._glu(
             x.data_ptr(), self.k, self.data.data_ptr(), act.data_ptr(), inter, x.shape[0], inter,
             self.k,
         )  # fmt: skip

@@ -16,10 +16,11 @@ from torch import nn
 
 from genserve.config import ModelConfig
 from genserve.engine.forward_context import ForwardContext, get_forward_context
+from genserve.kernels.gemm import gemm_bf16
 from genserve.layers.attention import PagedAttention
 from genserve.layers.basic import RMSNorm, RotaryEmbedding
 from genserve.layers.fused_decode import FusedDecode
-from genserve.layers.kernels import bind_layer_kernels, logits_bf16
+from genserve.layers.kernels import bind_layer_kernels
 from genserve.layers.packed_linear import Linear, PackedWeight
 from genserve.models.base import StepFn
 
@@ -171,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
         if self.packed_lm_head is not None:
             return self.packed_lm_head(hidden, out_f32=True)
         if self._lib is not None and hidden.dtype == torch.bfloat16:
-            return logits_bf16(self._lib, hidden, self.lm_head_weight())
+            return gemm_bf16(self._lib, hidden, self.lm_head_weight(), out_f32=True)
         return torch.nn.functional.linear(hidden, self.lm_head_weight()).float()
 
     def greedy(

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 from genserve.config import ModelConfig
+from genserve.kernels import load_kernels
 from genserve.kernels.cpu import kernel_set
-from genserve.kernels.library import native_library
 from genserve.models.registry import model_class, supported_architectures
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def default_dtype() -> torch.dtype:
         name = kernel_set().name
     except ValueError as e:  # GENSERVE_KERNELS names a set this CPU cannot run
         raise ModelLoadError(str(e)) from e
-    return torch.bfloat16 if native_library(name) is not None else torch.float32
+    return torch.bfloat16 if load_kernels(name) is not None else torch.float32
 
 
 def parse_dtype(name: str | None) -> torch.dtype:
